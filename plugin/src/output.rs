@@ -39,12 +39,7 @@ unsafe extern "C-unwind" fn startup(
 }
 
 /// Writes one record: a tag byte and a big-endian u32.
-unsafe fn write_record(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    tag: u8,
-    value: u32,
-    last: bool,
-) {
+unsafe fn write_record(ctx: *mut pg_sys::LogicalDecodingContext, tag: u8, value: u32, last: bool) {
     let mut buf = [0u8; 5];
     buf[0] = tag;
     buf[1..].copy_from_slice(&value.to_be_bytes());

@@ -1,0 +1,137 @@
+//! The harness itself and the first real-cluster checks: nodes start with
+//! the bdr library preloaded, the extension installs, and a slot using the
+//! bdr output plugin decodes changes.
+
+use std::time::Duration;
+
+use bdr_tests::Node;
+
+fn started(name: &str) -> Node {
+    let mut node = Node::init(name);
+    node.start();
+    node
+}
+
+#[test]
+fn three_nodes_preload_bdr_and_create_the_extension() {
+    let nodes: Vec<Node> = ["a", "b", "c"].into_iter().map(started).collect();
+    let mut ports: Vec<u16> = nodes.iter().map(Node::port).collect();
+    ports.dedup();
+    assert_eq!(ports.len(), 3, "every node has its own port");
+    for node in &nodes {
+        assert_eq!(node.safe_psql("SHOW shared_preload_libraries"), "bdr");
+        assert_eq!(node.safe_psql("SHOW wal_level"), "logical");
+        assert_eq!(node.safe_psql("SHOW track_commit_timestamp"), "on");
+        node.safe_psql("CREATE EXTENSION bdr");
+        assert_eq!(
+            node.safe_psql("SELECT extversion FROM pg_extension WHERE extname = 'bdr'"),
+            "0.1.0"
+        );
+        assert_eq!(node.safe_psql("SELECT bdr.bdr_version()"), "0.1.0");
+        // The server runs as an unprivileged user, never as root.
+        let pid = node.postmaster_pid().expect("running postmaster");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .expect("Uid line");
+        assert_ne!(
+            uid.split_whitespace().next(),
+            Some("0"),
+            "postmaster runs as root"
+        );
+    }
+}
+
+#[test]
+fn bdr_slot_decodes_committed_changes() {
+    let node = started("decode");
+    node.safe_psql("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    node.safe_psql("SELECT pg_create_logical_replication_slot('s', 'bdr')");
+    node.safe_psql("INSERT INTO t VALUES (1, 'one'), (2, 'two')");
+    node.safe_psql("UPDATE t SET v = 'uno' WHERE id = 1");
+    node.safe_psql("DELETE FROM t WHERE id = 2");
+    node.safe_psql("BEGIN; INSERT INTO t VALUES (3, 'rolled back'); ROLLBACK");
+
+    let peek = "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL)";
+    // Three committed transactions, each with a begin and a commit record,
+    // and four row changes; the rolled-back insert is never decoded.
+    assert_eq!(node.safe_psql(peek), "10");
+    let first = node.safe_psql(
+        "SELECT get_byte(data, 0) FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL) LIMIT 1",
+    );
+    assert_eq!(
+        first,
+        u32::from(b'B').to_string(),
+        "a transaction opens with BEGIN"
+    );
+    // Peeking does not consume; getting does.
+    assert_eq!(node.safe_psql(peek), "10");
+    node.safe_psql("SELECT count(*) FROM pg_logical_slot_get_binary_changes('s', NULL, NULL)");
+    assert_eq!(node.safe_psql(peek), "0");
+}
+
+#[test]
+fn unlisted_plugins_are_still_refused_and_bdr_is_allowed() {
+    let node = started("plugins");
+    let allowed =
+        node.safe_psql("SELECT setting FROM pg_settings WHERE name = 'output_plugin_libraries'");
+    if !allowed.is_empty() {
+        assert!(
+            allowed.contains("bdr"),
+            "output_plugin_libraries = {allowed}"
+        );
+    }
+    let err = node
+        .psql("SELECT pg_create_logical_replication_slot('x', 'no_such_plugin')")
+        .expect_err("an unknown plugin cannot decode");
+    assert!(
+        err.contains("no_such_plugin"),
+        "error names the plugin: {err}"
+    );
+}
+
+#[test]
+fn survives_kill9_and_restarts() {
+    let mut node = started("crash");
+    node.safe_psql("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100)");
+    let old = node.postmaster_pid().expect("running postmaster");
+    node.kill9();
+    assert!(
+        node.psql("SELECT 1").is_err(),
+        "the server is down after kill9"
+    );
+    let from = node.log_position();
+    node.start();
+    node.wait_for_log("database system is ready to accept connections", from);
+    assert!(
+        node.read_log_since(from)
+            .contains("was not properly shut down"),
+        "the restart ran crash recovery"
+    );
+    assert_ne!(node.postmaster_pid(), Some(old));
+    assert_eq!(node.safe_psql("SELECT count(*) FROM t"), "100");
+    node.stop_immediate();
+    node.start();
+    node.restart();
+    assert_eq!(node.safe_psql("SELECT count(*) FROM t"), "100");
+}
+
+#[test]
+fn poll_timeout_reports_what_it_last_saw() {
+    let node = started("poll");
+    let failure = std::panic::catch_unwind(|| {
+        node.poll_query_until_within("SELECT 41", "42", Duration::from_millis(300));
+    })
+    .expect_err("polling for a value that never comes times out");
+    let message = failure
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(message.contains("timed out"), "{message}");
+    assert!(
+        message.contains("Ok(\"41\")"),
+        "shows the last result: {message}"
+    );
+    node.poll_query_until("SELECT 6 * 7", "42");
+}
