@@ -19,7 +19,8 @@
 //!  ReplicationStream          ◀── CopyData(XLogData 'w' | keepalive 'k') ...
 //!    next_event / send_status_update ── CopyData(status update 'r') ──▶
 //!  stop                       ── CopyDone ──▶  ◀── CopyData* (discarded), CopyDone
-//!                             ◀── CommandComplete, ReadyForQuery  (idle client again)
+//!                             ◀── CommandComplete, ReadyForQuery  (idle client again,
+//!                                  for commands; streaming again needs a new connection)
 //! ```
 //!
 //! Invariants: the slot's confirmed position only moves when the caller
@@ -31,10 +32,15 @@
 //! (protocol-replication.html) and "Message Formats"
 //! (protocol-message-formats.html) in the PostgreSQL 15 documentation.
 
+mod conn;
 mod error;
 mod lsn;
 mod message;
+mod replication;
+mod transport;
 
+pub use conn::{CreateSlot, ReplicationClient, SlotInfo, SlotSnapshot, SystemIdentity};
 pub use error::{DbError, SQLSTATE_DUPLICATE_OBJECT, SQLSTATE_UNDEFINED_OBJECT, StreamError};
 pub use lsn::{Lsn, ParseLsnError};
 pub use message::ReplicationEvent;
+pub use replication::ReplicationStream;
