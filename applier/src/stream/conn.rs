@@ -15,7 +15,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::backend::{DataRowBody, ErrorFields, Message};
 use postgres_protocol::message::frontend;
 use tokio_postgres::config::{Config, Host, SslMode};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::error::{DbError, SQLSTATE_DUPLICATE_OBJECT, StreamError};
 use super::lsn::Lsn;
@@ -308,7 +308,7 @@ impl ReplicationClient {
             }
             Message::ParameterStatus(body) => {
                 if let (Ok(name), Ok(value)) = (body.name(), body.value()) {
-                    debug!(peer = %self.peer, name, value, "server parameter");
+                    trace!(peer = %self.peer, name, value, "server parameter");
                     self.parameters.insert(name.to_owned(), value.to_owned());
                 }
                 None
