@@ -37,6 +37,10 @@ enum State {
 }
 
 /// A logical replication stream from one slot.
+///
+/// Dropping it without [`ReplicationStream::stop`] just closes the socket:
+/// nothing is lost (the server resends everything after the last reported
+/// flush position on the next start), but the server logs an unexpected EOF.
 #[derive(Debug)]
 pub struct ReplicationStream {
     client: ReplicationClient,
@@ -161,6 +165,9 @@ impl ReplicationStream {
     /// and never resends transactions that committed before it. So only
     /// report as flushed what is durably applied. `reply_requested` asks
     /// the server for an immediate keepalive.
+    ///
+    /// Not cancel-safe: a partly written update breaks the stream, so do
+    /// not race it against other futures.
     pub async fn send_status_update(
         &mut self,
         write: Lsn,
@@ -175,15 +182,15 @@ impl ReplicationStream {
         }
         let body = encode_status_update(write, flush, apply, SystemTime::now(), reply_requested);
         frontend::CopyData::new(body)?.write(self.client.transport.out());
-        let result = self.client.transport.flush().await;
-        if result.is_err() {
+        if let Err(e) = self.client.transport.flush().await {
             self.state = State::Failed;
+            return Err(e);
         }
         debug!(
             peer = %self.client.peer(), slot = %self.slot,
             write = %write, flush = %flush, apply = %apply, "sent status update"
         );
-        result
+        Ok(())
     }
 
     /// Ends streaming: sends CopyDone, discards the data still in flight

@@ -105,11 +105,9 @@ impl Transport {
                 self.rbuf.reserve(READ_CHUNK);
             }
             if self.sock.read_buf(&mut self.rbuf).await? == 0 {
-                return Err(if self.rbuf.is_empty() {
-                    StreamError::ConnectionClosed
-                } else {
-                    StreamError::protocol("connection closed in the middle of a message")
-                });
+                // Also in the middle of a message: a cut connection, not a
+                // malformed one, so the caller reconnects.
+                return Err(StreamError::ConnectionClosed);
             }
         }
     }
@@ -174,12 +172,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rejects_absurd_lengths_and_truncation() {
+    async fn rejects_absurd_lengths_and_reports_cut_connections() {
         let mut t = feed(b"d\x7f\xff\xff\xff").await;
         assert!(matches!(t.recv().await, Err(StreamError::Protocol(_))));
         let mut t = feed(b"d\0\0\0\x02").await;
         assert!(matches!(t.recv().await, Err(StreamError::Protocol(_))));
         let mut t = feed(b"d\0\0\0\x09ab").await;
-        assert!(matches!(t.recv().await, Err(StreamError::Protocol(_))));
+        assert!(matches!(t.recv().await, Err(StreamError::ConnectionClosed)));
     }
 }
