@@ -44,8 +44,11 @@ pub enum ReplicationEvent {
     /// A chunk of output from the logical decoding plugin. `data` shares the
     /// receive buffer (no copy).
     XLogData {
-        /// WAL position this message starts at (for logical decoding: the
-        /// LSN of the record that produced it, 0 for some messages).
+        /// The WAL position the walsender tags this message with (its
+        /// decoding context's `write_location`): for a change, the change's
+        /// LSN; for a transaction's last message (the commit callback's),
+        /// the transaction's end LSN, which is the position to report as
+        /// flushed once that transaction is durably applied.
         wal_start: Lsn,
         /// Current end of WAL on the server.
         wal_end: Lsn,
