@@ -18,7 +18,9 @@
 //! [`write_startup`], or [`Message::encode`]. Writers take borrowed
 //! values (`&str`, `&[u8]`, `&[Datum]`), so encoding a change allocates
 //! nothing; [`TupleWriter`] with the `write_*_header` functions appends a
-//! tuple column by column without even a slice of datums.
+//! tuple column by column without even a slice of datums. Code that
+//! writes into a PostgreSQL `StringInfo` can encode into a reused
+//! `Vec<u8>` and append it with `appendBinaryStringInfo`.
 //!
 //! # Decoding
 //!
