@@ -59,7 +59,9 @@ pub enum Datum<'a> {
     /// blank-padded `char(n)` value). The value is `text` + `spaces` x `' '`.
     PaddedText { text: &'a str, spaces: u32 },
     /// The value of an `int2`, `int4` or `int8` column. Its binary send
-    /// format is this value, big-endian, in the column type's width.
+    /// format is this value, big-endian, in the column type's width. The
+    /// decoder does not know the column's type: a receiver must check that
+    /// the value fits it.
     Int(i64),
 }
 
