@@ -8,3 +8,21 @@ CREATE FUNCTION bdr.bdr_version() RETURNS text
     LANGUAGE c STRICT IMMUTABLE
     AS 'MODULE_PATHNAME', 'bdr_version_wrapper';
 COMMENT ON FUNCTION bdr.bdr_version() IS 'version of the installed bdr library';
+
+-- Membership: the nodes of the group as this node knows them. bdr-applier
+-- streams from every active node other than itself, and watches this
+-- table for changes. Rows are written with `bdr-applier init` and
+-- `bdr-applier add-peer`; each node keeps its own copy.
+CREATE TABLE bdr.nodes (
+    node_name   text PRIMARY KEY
+                CHECK (node_name ~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$'),
+    -- The node's identity (bdr.local_node_id() on that node); learned on
+    -- first contact and checked on every later one.
+    node_id     bigint UNIQUE,
+    -- How the other nodes connect to this one (libpq keyword=value string
+    -- or URI).
+    dsn         text NOT NULL,
+    state       text NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'parted')),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE bdr.nodes IS 'nodes of the bdr group; bdr-applier streams from every active one';

@@ -7,12 +7,19 @@
 //! ([`Node::connect`]); [`Node::poll_query_until`] and
 //! [`Node::wait_for_log`] wait with a timeout and report what they last saw.
 //!
+//! [`ApplierProcess`] runs `bdr-applier` for a node, and [`Mesh`] sets up
+//! a group of nodes that all stream from each other.
+//!
 //! Every server a test starts is stopped when its `Node` is dropped, also
 //! while the test panics; a failed test keeps the data dir and prints the
 //! tail of the server log.
 
+mod applier;
+mod mesh;
 mod node;
 mod port;
 mod user;
 
+pub use applier::{ApplierProcess, applier_binary, applier_command, applier_command_output};
+pub use mesh::Mesh;
 pub use node::{Node, timeout};

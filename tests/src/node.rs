@@ -135,10 +135,25 @@ impl Node {
             self.name
         ));
         self.append_conf(&conf);
-        let hba = "local all all trust\n\
-                   host all all 127.0.0.1/32 trust\n\
-                   host replication all 127.0.0.1/32 trust\n";
+        self.set_hba(&[
+            "host all all 127.0.0.1/32 trust",
+            "host replication all 127.0.0.1/32 trust",
+        ]);
+    }
+
+    /// Replaces pg_hba.conf with `lines` after a line that trusts local
+    /// (Unix socket) connections, which the harness itself uses, and
+    /// reloads a running server.
+    pub fn set_hba(&self, lines: &[&str]) {
+        let mut hba = String::from("local all all trust\n");
+        for line in lines {
+            hba.push_str(line);
+            hba.push('\n');
+        }
         fs::write(self.data_dir().join("pg_hba.conf"), hba).expect("writing pg_hba.conf");
+        if self.running {
+            self.reload();
+        }
     }
 
     /// Appends lines to `postgresql.conf` (takes effect on the next start
@@ -159,6 +174,11 @@ impl Node {
     /// The loopback port the server listens on.
     pub fn port(&self) -> u16 {
         self.port.number
+    }
+
+    /// The directory of the server's Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.base_dir()
     }
 
     fn base_dir(&self) -> &Path {
@@ -235,9 +255,12 @@ impl Node {
         self.start();
     }
 
-    /// Sends SIGHUP through `pg_ctl reload`.
+    /// Sends SIGHUP through `pg_ctl reload` and waits until the postmaster has reloaded, so that connections
+    /// opened afterwards see the new pg_hba.conf.
     pub fn reload(&self) {
+        let from = self.log_position();
         check("pg_ctl reload", &self.pg_ctl(&["reload"]));
+        self.wait_for_log("reloading configuration files", from);
     }
 
     /// The postmaster's pid, from `postmaster.pid`.

@@ -1,25 +1,67 @@
 //! The streaming replication client against a real PostgreSQL 15, with
 //! the built-in `test_decoding` plugin standing in for `bdr`.
 
-// The client lives in the binary crate; compile its module tree into this
-// test too. Parts the tests do not call are not dead code in the daemon.
-#[allow(dead_code, unused_imports)]
-#[path = "../src/stream/mod.rs"]
-mod stream;
-
-mod pg;
-
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pg::{Cluster, SUPERUSER_PASSWORD};
-use stream::{
-    CreateSlot, Lsn, ReplicationClient, ReplicationEvent, ReplicationStream, SlotSnapshot,
+use bdr_tests::Node;
+
+use bdr_applier::stream::{
+    self, CreateSlot, Lsn, ReplicationClient, ReplicationEvent, ReplicationStream, SlotSnapshot,
 };
 
 const APP_NAME: &str = "bdr_stream_test";
 const SLOT: &str = "bdr_test_slot";
 const WAIT: Duration = Duration::from_secs(30);
 const OPTIONS: &[(&str, &str)] = &[("include-xids", "0"), ("skip-empty-xacts", "1")];
+
+const SUPERUSER_PASSWORD: &str = "s3cret'pw";
+
+/// A started node whose pg_hba.conf asks TCP clients for passwords;
+/// the harness itself keeps using the trusted Unix socket.
+struct Cluster {
+    node: Node,
+    port: u16,
+}
+
+impl Cluster {
+    fn start(hba: &[&str]) -> Cluster {
+        let mut node = Node::init("stream");
+        node.start();
+        let quoted = SUPERUSER_PASSWORD.replace('\'', "''");
+        node.safe_psql(&format!("ALTER ROLE postgres PASSWORD '{quoted}'"));
+        node.set_hba(hba);
+        Cluster {
+            port: node.port(),
+            node,
+        }
+    }
+
+    fn socket_dir(&self) -> &Path {
+        self.node.socket_dir()
+    }
+
+    /// A keyword=value connection string for TCP on loopback.
+    fn conninfo(&self, user: &str, password: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password='{}' dbname=postgres connect_timeout=10",
+            self.port,
+            password.replace('\\', "\\\\").replace('\'', "\\'")
+        )
+    }
+
+    /// An ordinary (non-replication) superuser connection.
+    async fn sql(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(
+            &self.conninfo("postgres", SUPERUSER_PASSWORD),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("superuser connection");
+        tokio::spawn(conn);
+        client
+    }
+}
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()

@@ -1,0 +1,318 @@
+//! Applying one peer's stream of changes to the local database.
+//!
+//! ```text
+//!  BEGIN     -> BEGIN; pg_replication_origin_xact_setup(commit lsn, commit time)
+//!  RELATION  -> match to the local table, drop its old statements
+//!  INSERT/UPDATE/DELETE -> prepared statement, values bound as sent
+//!  TRUNCATE  -> TRUNCATE of the local tables
+//!  MESSAGE   -> the message dispatcher
+//!  COMMIT    -> COMMIT; the origin's progress moves in the same commit
+//! ```
+//!
+//! The connection is bound to this node's replication origin for the peer
+//! (see [`crate::origin`]) and runs with `session_replication_role =
+//! replica`, so triggers and foreign keys behave as on a replica. Each
+//! remote transaction is one local transaction whose origin LSN and
+//! commit timestamp are the remote ones: the progress commits atomically
+//! with the data, and the rows keep the remote commit time (conflict
+//! resolution compares the same values on every node).
+//!
+//! One handler per message kind, dispatched from one `match`, like
+//! PostgreSQL's apply worker.
+
+mod param;
+mod relation;
+pub(crate) mod sql;
+
+use bdr_protocol::{
+    Begin, Commit, Datum, Delete, Insert, LogicalMessage, Lsn, Message, RelId, Truncate, Update,
+};
+use tokio_postgres::{Client, Statement};
+use tracing::{debug, warn};
+
+use param::{Param, ParamError};
+use relation::{MappedRelation, RelationMap};
+
+/// Why a change could not be applied. Each names what is at fault; the
+/// peer task adds the peer and the LSN.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error("relation {relation} does not exist on this node")]
+    MissingTable { relation: String },
+    #[error("column {column} of relation {relation} does not exist on this node")]
+    MissingColumn { relation: String, column: String },
+    #[error(
+        "column {column} of relation {relation} has type {remote} on the peer but {local} here"
+    )]
+    TypeMismatch {
+        relation: String,
+        column: String,
+        remote: String,
+        local: String,
+    },
+    #[error(
+        "column {column} of relation {relation} is generated on this node and cannot be written"
+    )]
+    GeneratedColumn { relation: String, column: String },
+    #[error("relation {relation} has no replica identity key to find rows by")]
+    NoKey { relation: String },
+    #[error("a change refers to relation id {0}, which no RELATION message defined")]
+    UnknownRelation(RelId),
+    #[error("tuple of relation {relation} has {got} columns, its RELATION message {expected}")]
+    ColumnCount {
+        relation: String,
+        got: usize,
+        expected: usize,
+    },
+    #[error("column {column} of relation {relation}: {source}")]
+    Value {
+        relation: String,
+        column: String,
+        source: ParamError,
+    },
+    #[error("{0} message outside a transaction")]
+    OutsideTransaction(&'static str),
+    #[error("BEGIN of xid {0} while a transaction is open")]
+    NestedBegin(u32),
+    #[error("unexpected STARTUP message in the middle of the stream")]
+    UnexpectedStartup,
+    #[error(transparent)]
+    Database(#[from] tokio_postgres::Error),
+}
+
+impl ApplyError {
+    /// The relation the error is about, for the log.
+    pub(crate) fn relation(&self) -> Option<&str> {
+        match self {
+            ApplyError::MissingTable { relation }
+            | ApplyError::MissingColumn { relation, .. }
+            | ApplyError::TypeMismatch { relation, .. }
+            | ApplyError::GeneratedColumn { relation, .. }
+            | ApplyError::NoKey { relation }
+            | ApplyError::ColumnCount { relation, .. }
+            | ApplyError::Value { relation, .. } => Some(relation),
+            _ => None,
+        }
+    }
+}
+
+/// The remote transaction being applied.
+#[derive(Debug, Clone, Copy)]
+struct OpenTxn {
+    xid: u32,
+}
+
+/// Applies the stream of one peer through one local connection.
+#[derive(Debug)]
+pub(crate) struct Applier {
+    client: Client,
+    relations: RelationMap,
+    txn: Option<OpenTxn>,
+    xact_setup: Statement,
+}
+
+/// What a message did to the apply position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// Nothing committed.
+    Pending,
+    /// A remote transaction committed locally; the peer's stream up to
+    /// this LSN is durably applied.
+    Committed(Lsn),
+}
+
+impl Applier {
+    /// Wraps a connection already bound to the peer's replication origin
+    /// (see [`crate::origin::bind_session`]).
+    pub(crate) async fn new(client: Client) -> Result<Self, ApplyError> {
+        let xact_setup = client
+            .prepare(
+                "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)",
+            )
+            .await?;
+        Ok(Applier {
+            client,
+            relations: RelationMap::default(),
+            txn: None,
+            xact_setup,
+        })
+    }
+
+    /// Forgets stream state: a new stream starts without relations and
+    /// outside any transaction. An open local transaction is rolled back.
+    pub(crate) async fn reset(&mut self) -> Result<(), ApplyError> {
+        self.relations.clear();
+        if self.txn.take().is_some() {
+            self.client.batch_execute("ROLLBACK").await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a remote transaction is being applied.
+    pub(crate) fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    /// Applies one message.
+    pub(crate) async fn handle(&mut self, msg: &Message<'_>) -> Result<Applied, ApplyError> {
+        match msg {
+            Message::Begin(m) => self.handle_begin(m).await?,
+            Message::Commit(m) => return self.handle_commit(m).await,
+            Message::Relation(m) => {
+                let mapped = MappedRelation::map(&self.client, m).await?;
+                self.relations.define(m.rel_id, mapped);
+            }
+            Message::Insert(m) => self.handle_insert(m).await?,
+            Message::Update(m) => self.handle_update(m).await?,
+            Message::Delete(m) => self.handle_delete(m).await?,
+            Message::Truncate(m) => self.handle_truncate(m).await?,
+            Message::Logical(m) => self.handle_message(m),
+            Message::Startup(_) => return Err(ApplyError::UnexpectedStartup),
+        }
+        Ok(Applied::Pending)
+    }
+
+    async fn handle_begin(&mut self, m: &Begin) -> Result<(), ApplyError> {
+        if let Some(open) = self.txn {
+            return Err(ApplyError::NestedBegin(open.xid));
+        }
+        self.client.batch_execute("BEGIN").await?;
+        // pg_lsn and timestamptz in binary are 8 big-endian bytes: the
+        // remote values are recorded exactly.
+        let lsn = Param::eight_bytes(m.final_lsn);
+        let time = Param::eight_bytes(m.commit_time as u64);
+        self.client
+            .execute(&self.xact_setup, &[&lsn, &time])
+            .await?;
+        self.txn = Some(OpenTxn { xid: m.xid });
+        Ok(())
+    }
+
+    async fn handle_commit(&mut self, m: &Commit) -> Result<Applied, ApplyError> {
+        if self.txn.is_none() {
+            return Err(ApplyError::OutsideTransaction("COMMIT"));
+        }
+        self.client.batch_execute("COMMIT").await?;
+        self.txn = None;
+        Ok(Applied::Committed(m.end_lsn))
+    }
+
+    fn require_txn(&self, what: &'static str) -> Result<(), ApplyError> {
+        match self.txn {
+            Some(_) => Ok(()),
+            None => Err(ApplyError::OutsideTransaction(what)),
+        }
+    }
+
+    async fn handle_insert(&mut self, m: &Insert<'_>) -> Result<(), ApplyError> {
+        self.require_txn("INSERT")?;
+        let rel = self.relations.get(m.rel_id)?;
+        let params = bind_columns(rel, &m.new, |_| true)?;
+        let stmt = rel.insert(&self.client).await?;
+        self.client.execute_raw(&stmt, params).await?;
+        Ok(())
+    }
+
+    async fn handle_update(&mut self, m: &Update<'_>) -> Result<(), ApplyError> {
+        self.require_txn("UPDATE")?;
+        let rel = self.relations.get(m.rel_id)?;
+        if rel.key.is_empty() {
+            return Err(ApplyError::NoKey {
+                relation: rel.display.clone(),
+            });
+        }
+        let set: Vec<bool> = m.new.iter().map(|d| *d != Datum::UnchangedToast).collect();
+        let mut params = bind_columns(rel, &m.new, |i| set.get(i).copied().unwrap_or(false))?;
+        let old = m.old.as_ref().map_or(&m.new, |o| &o.tuple);
+        params.extend(bind_key(rel, old)?);
+        let stmt = rel.update(&self.client, &set).await?;
+        let relation = rel.display.clone();
+        let n = self.client.execute_raw(&stmt, params).await?;
+        if n == 0 {
+            warn!(%relation, "update_missing: the row to update does not exist here");
+        }
+        Ok(())
+    }
+
+    async fn handle_delete(&mut self, m: &Delete<'_>) -> Result<(), ApplyError> {
+        self.require_txn("DELETE")?;
+        let rel = self.relations.get(m.rel_id)?;
+        if rel.key.is_empty() {
+            return Err(ApplyError::NoKey {
+                relation: rel.display.clone(),
+            });
+        }
+        let params = bind_key(rel, &m.old.tuple)?;
+        let stmt = rel.delete(&self.client).await?;
+        let relation = rel.display.clone();
+        let n = self.client.execute_raw(&stmt, params).await?;
+        if n == 0 {
+            warn!(%relation, "delete_missing: the row to delete does not exist here");
+        }
+        Ok(())
+    }
+
+    async fn handle_truncate(&mut self, m: &Truncate) -> Result<(), ApplyError> {
+        self.require_txn("TRUNCATE")?;
+        let mut tables = Vec::with_capacity(m.rel_ids.len());
+        for id in &m.rel_ids {
+            tables.push(self.relations.get(*id)?.table.clone());
+        }
+        let stmt = sql::truncate(&tables, m.restart_identity, m.cascade);
+        self.client.batch_execute(&stmt).await?;
+        Ok(())
+    }
+
+    /// Logical decoding messages are for coordination (schema changes
+    /// later); none is acted on yet.
+    fn handle_message(&mut self, m: &LogicalMessage<'_>) {
+        debug!(
+            prefix = m.prefix,
+            len = m.content.len(),
+            transactional = m.transactional,
+            "message"
+        );
+    }
+}
+
+fn check_width(rel: &MappedRelation, tuple: &[Datum<'_>]) -> Result<(), ApplyError> {
+    if tuple.len() == rel.columns.len() {
+        return Ok(());
+    }
+    Err(ApplyError::ColumnCount {
+        relation: rel.display.clone(),
+        got: tuple.len(),
+        expected: rel.columns.len(),
+    })
+}
+
+/// The parameters for the columns of `tuple` picked by `keep`, in column
+/// order.
+fn bind_columns<'a>(
+    rel: &MappedRelation,
+    tuple: &[Datum<'a>],
+    keep: impl Fn(usize) -> bool,
+) -> Result<Vec<Param<'a>>, ApplyError> {
+    check_width(rel, tuple)?;
+    tuple
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| keep(*i))
+        .map(|(i, d)| bind(rel, i, d))
+        .collect()
+}
+
+/// The parameters for the key columns of `tuple`.
+fn bind_key<'a>(rel: &MappedRelation, tuple: &[Datum<'a>]) -> Result<Vec<Param<'a>>, ApplyError> {
+    check_width(rel, tuple)?;
+    rel.key.iter().map(|&i| bind(rel, i, &tuple[i])).collect()
+}
+
+fn bind<'a>(rel: &MappedRelation, i: usize, d: &Datum<'a>) -> Result<Param<'a>, ApplyError> {
+    let col = &rel.columns[i];
+    Param::from_datum(d, col.remote_type).map_err(|source| ApplyError::Value {
+        relation: rel.display.clone(),
+        column: col.name.clone(),
+        source,
+    })
+}

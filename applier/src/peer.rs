@@ -1,0 +1,262 @@
+//! One peer: stream its changes and apply them, retrying with backoff.
+//!
+//! ```text
+//!  connect locally ─> bind origin (progress P) ─> connect to peer
+//!     ─> create slot if missing ─> START_REPLICATION from P
+//!     ─> STARTUP check ─> loop { XLogData -> apply; keepalive; status }
+//! ```
+//!
+//! The flush position reported to the peer is the end LSN of the last
+//! remote transaction committed locally (commits wait for the local WAL
+//! flush), or, when no transaction is open, the position the peer says it
+//! has sent: nothing before it remains to be applied. It is never ahead
+//! of what is durable here, and never stuck behind while idle.
+//!
+//! Any error ends the session: an open local transaction is rolled back
+//! (nothing is applied by halves), the error is logged with the peer, LSN
+//! and relation, and the session starts again after a backoff from the
+//! origin's durable progress. Other peers are unaffected.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdr_protocol::{DatumFormats, DecodeError, Message, Messages, NodeId, StartupOptions};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::apply::{Applied, Applier, ApplyError};
+use crate::catalog::{LocalNode, Peer};
+use crate::origin;
+use crate::stream::{
+    CreateSlot, Lsn, ReplicationClient, ReplicationEvent, ReplicationStream, SlotSnapshot,
+    StreamError,
+};
+
+/// Status updates go out at least this often while streaming.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// After a commit, a status update goes out once this much time passed
+/// since the last one (synchronous replication on the peer waits for it).
+const STATUS_AFTER_COMMIT: Duration = Duration::from_millis(5);
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Why a session with a peer ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    #[error("local database: {0}")]
+    Local(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error("replication connection: {0}")]
+    Stream(#[from] StreamError),
+    #[error("at {lsn}: malformed message: {source}")]
+    Decode { lsn: Lsn, source: DecodeError },
+    #[error("at {lsn}: {source}")]
+    Apply { lsn: Lsn, source: ApplyError },
+    #[error("handshake: {0}")]
+    Handshake(String),
+    #[error("the peer ended the stream")]
+    Ended,
+}
+
+impl SessionError {
+    fn relation(&self) -> Option<&str> {
+        match self {
+            SessionError::Apply { source, .. } => source.relation(),
+            _ => None,
+        }
+    }
+}
+
+/// Runs the peer until `shutdown` turns true.
+pub(crate) async fn run(local: Arc<LocalNode>, peer: Peer, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let started = Instant::now();
+        let result = session(&local, &peer, &mut shutdown).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        match result {
+            Ok(()) => return,
+            Err(err) => error!(
+                peer = %peer.name,
+                relation = err.relation().unwrap_or(""),
+                error = %err,
+                retry_in = ?backoff,
+                "apply from peer stopped"
+            ),
+        }
+        if started.elapsed() > BACKOFF_MAX {
+            backoff = BACKOFF_FIRST;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn connect_local(local: &LocalNode) -> Result<tokio_postgres::Client, SessionError> {
+    let (client, conn) = local.config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "local connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// The peer's identity, asked over the replication connection.
+async fn peer_node_id(repl: &mut ReplicationClient) -> Result<NodeId, SessionError> {
+    let rows = repl.simple_query("SELECT bdr.local_node_id()").await?;
+    let text = rows.first().and_then(|r| r.first().cloned().flatten());
+    text.and_then(|t| t.parse::<i64>().ok())
+        .map(|id| id as NodeId)
+        .ok_or_else(|| SessionError::Handshake("bdr.local_node_id() returned no id".into()))
+}
+
+async fn session(
+    local: &LocalNode,
+    peer: &Peer,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let client = connect_local(local).await?;
+    let mut config = peer.config.clone();
+    config.application_name(&local.name);
+    let mut repl = ReplicationClient::connect_config(&config).await?;
+    let peer_id = peer_node_id(&mut repl).await?;
+    crate::catalog::record_peer_id(&client, &peer.name, peer_id).await?;
+    let start = origin::bind_session(&client, peer_id).await?;
+    let slot = origin::name_for(local.node_id);
+    if let CreateSlot::Created(info) = repl
+        .create_replication_slot(&slot, "bdr", SlotSnapshot::Nothing)
+        .await?
+    {
+        info!(peer = %peer.name, slot, lsn = %info.consistent_point, "created slot on peer");
+    }
+    let mut options = StartupOptions::new(local.node_id, local.name.clone(), local.pg_version_num);
+    options.datum_formats = DatumFormats::TEXT.union(DatumFormats::BINARY);
+    let pairs = options.to_pairs();
+    let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let stream = repl.start_replication(&slot, start, &pairs).await?;
+    info!(peer = %peer.name, lsn = %start, "streaming from peer");
+    let applier = Applier::new(client)
+        .await
+        .map_err(|source| SessionError::Apply { lsn: start, source })?;
+    let mut state = Session {
+        stream,
+        applier,
+        peer_id,
+        flushed: start,
+        sent: start,
+        last_status: Instant::now(),
+        started: false,
+    };
+    let result = state.stream_loop(peer, shutdown).await;
+    state.finish(result).await
+}
+
+/// A streaming session's state.
+struct Session {
+    stream: ReplicationStream,
+    applier: Applier,
+    peer_id: NodeId,
+    /// Durably applied: what the peer may forget.
+    flushed: Lsn,
+    /// The last flush position reported.
+    sent: Lsn,
+    last_status: Instant,
+    /// Whether the STARTUP message arrived.
+    started: bool,
+}
+
+impl Session {
+    async fn stream_loop(
+        &mut self,
+        peer: &Peer,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
+        let mut tick = tokio::time::interval(STATUS_INTERVAL / 4);
+        loop {
+            tokio::select! {
+                event = self.stream.next_event() => match event? {
+                    Some(ReplicationEvent::XLogData { wal_start, data, .. }) => {
+                        self.handle_frame(wal_start, &data).await?;
+                    }
+                    Some(ReplicationEvent::Keepalive { wal_end, reply_requested, .. }) => {
+                        if !self.applier.in_transaction() && wal_end > self.flushed {
+                            self.flushed = wal_end;
+                        }
+                        if reply_requested {
+                            self.send_status(true).await?;
+                        }
+                    }
+                    None => return Err(SessionError::Ended),
+                },
+                _ = tick.tick() => {
+                    if self.sent != self.flushed || self.last_status.elapsed() >= STATUS_INTERVAL * 10 {
+                        self.send_status(false).await?;
+                    }
+                }
+                _ = shutdown.changed() => {
+                    info!(peer = %peer.name, lsn = %self.flushed, "stopping stream");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn handle_frame(&mut self, lsn: Lsn, frame: &[u8]) -> Result<(), SessionError> {
+        for msg in Messages::new(frame) {
+            let msg = msg.map_err(|source| SessionError::Decode { lsn, source })?;
+            if let Message::Startup(s) = &msg
+                && !self.started
+            {
+                if s.node_id != self.peer_id {
+                    return Err(SessionError::Handshake(format!(
+                        "peer reports node id {:016x}, expected {:016x}",
+                        s.node_id, self.peer_id
+                    )));
+                }
+                self.started = true;
+                continue;
+            }
+            match self.applier.handle(&msg).await {
+                Ok(Applied::Committed(end)) => {
+                    self.flushed = Lsn(end).max(self.flushed);
+                    if self.last_status.elapsed() >= STATUS_AFTER_COMMIT {
+                        self.send_status(false).await?;
+                    }
+                }
+                Ok(Applied::Pending) => {}
+                Err(source) => return Err(SessionError::Apply { lsn, source }),
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_status(&mut self, reply_requested: bool) -> Result<(), SessionError> {
+        let pos = self.flushed;
+        self.stream
+            .send_status_update(pos, pos, pos, reply_requested)
+            .await?;
+        self.sent = pos;
+        self.last_status = Instant::now();
+        Ok(())
+    }
+
+    /// Ends the session: rolls back a half-applied transaction, reports the
+    /// final position and stops the stream cleanly when possible.
+    async fn finish(mut self, result: Result<(), SessionError>) -> Result<(), SessionError> {
+        if let Err(e) = self.applier.reset().await {
+            warn!(error = %e, "rolling back the open transaction failed");
+        }
+        if result.is_ok() {
+            self.send_status(false).await?;
+            self.stream.stop().await?;
+        }
+        result
+    }
+}
