@@ -8,3 +8,9 @@ CREATE FUNCTION bdr.bdr_version() RETURNS text
     LANGUAGE c STRICT IMMUTABLE
     AS 'MODULE_PATHNAME', 'bdr_version_wrapper';
 COMMENT ON FUNCTION bdr.bdr_version() IS 'version of the installed bdr library';
+
+CREATE FUNCTION bdr.local_node_id() RETURNS bigint
+    LANGUAGE c STRICT STABLE
+    AS 'MODULE_PATHNAME', 'local_node_id_wrapper';
+COMMENT ON FUNCTION bdr.local_node_id() IS
+    'this node''s id: FNV-1a 64 of the system identifier (8 bytes, big-endian) and the database OID (4 bytes, big-endian), as the 64 bits of a bigint';
