@@ -18,7 +18,9 @@
 //! [`write_startup`], or [`Message::encode`]. Writers take borrowed
 //! values (`&str`, `&[u8]`, `&[Datum]`), so encoding a change allocates
 //! nothing; [`TupleWriter`] with the `write_*_header` functions appends a
-//! tuple column by column without even a slice of datums.
+//! tuple column by column without even a slice of datums. Code that
+//! writes into a PostgreSQL `StringInfo` can encode into a reused
+//! `Vec<u8>` and append it with `appendBinaryStringInfo`.
 //!
 //! # Decoding
 //!
@@ -64,7 +66,9 @@ pub use startup::{
     DatumFormats, Negotiated, Startup, StartupError, StartupOptions, VersionRange,
     negotiate_version, write_startup,
 };
-pub use tuple::{Datum, MAX_COLUMNS, TupleWriter, put_tuple};
+pub use tuple::{
+    Datum, INT2_OID, INT4_OID, INT8_OID, IntSendFormat, MAX_COLUMNS, TupleWriter, put_tuple,
+};
 pub use txn::{
     Begin, Commit, LogicalMessage, Origin, write_begin, write_commit, write_logical_message,
 };

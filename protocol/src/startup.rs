@@ -65,9 +65,11 @@ impl fmt::Display for VersionRange {
 pub struct DatumFormats(u8);
 
 impl DatumFormats {
-    /// Text output format ([`crate::Datum::Text`], [`crate::Datum::PaddedText`]).
+    /// The portable formats: text output ([`crate::Datum::Text`],
+    /// [`crate::Datum::PaddedText`]) and integer values
+    /// ([`crate::Datum::Int`], which mean the same in every version).
     pub const TEXT: DatumFormats = DatumFormats(0x01);
-    /// Binary send format ([`crate::Datum::Binary`], [`crate::Datum::Int`]).
+    /// The types' binary send format ([`crate::Datum::Binary`]).
     pub const BINARY: DatumFormats = DatumFormats(0x02);
     const ALL: u8 = 0x03;
 
