@@ -9,6 +9,12 @@ CREATE FUNCTION bdr.bdr_version() RETURNS text
     AS 'MODULE_PATHNAME', 'bdr_version_wrapper';
 COMMENT ON FUNCTION bdr.bdr_version() IS 'version of the installed bdr library';
 
+CREATE FUNCTION bdr.local_node_id() RETURNS bigint
+    LANGUAGE c STRICT STABLE
+    AS 'MODULE_PATHNAME', 'local_node_id_wrapper';
+COMMENT ON FUNCTION bdr.local_node_id() IS
+    'this node''s id: FNV-1a 64 of the system identifier (8 bytes, big-endian) and the database OID (4 bytes, big-endian), as the 64 bits of a bigint';
+
 -- Membership: the nodes of the group as this node knows them. bdr-applier
 -- streams from every active node other than itself, and watches this
 -- table for changes. Rows are written with `bdr-applier init` and

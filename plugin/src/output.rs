@@ -1,19 +1,29 @@
-//! The logical decoding output plugin `bdr`.
+//! The logical decoding output plugin `bdr`: PostgreSQL's callbacks, each
+//! a thin shim over [`Stream`].
 //!
-//! PostgreSQL calls `_PG_output_plugin_init` when a slot created with the
-//! `bdr` plugin starts decoding; the callbacks registered there translate
-//! each decoded transaction into bytes written through
-//! `OutputPluginPrepareWrite`/`OutputPluginWrite`.
+//! PostgreSQL looks up `_PG_output_plugin_init` by name when a slot
+//! created with the `bdr` plugin starts decoding (logical.c,
+//! LoadOutputPlugin). Output is binary: protocol messages as defined by
+//! the `bdr-protocol` crate, one message per write.
 //!
-//! At this stage the plugin emits a minimal framing (transaction begin,
-//! one record per row change, commit); the wire protocol defined by the
-//! `bdr-protocol` crate replaces it.
+//! Origin filtering: by default a stream carries only the changes made on
+//! this node; changes that an applier (or any other replication origin)
+//! wrote are filtered before they are even decoded
+//! (`filter_by_origin_cb`, decode.c FilterByOrigin). With the startup
+//! option `forward_origins 'true'` they are sent, and their BEGIN names the
+//! origin node and the origin's commit LSN.
+//!
+//! Panics never cross into PostgreSQL: every callback is `#[pg_guard]`,
+//! and errors are raised with `ereport` through `pg::raise`.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-/// Entry point looked up by PostgreSQL by name when a slot using the
-/// `bdr` plugin is decoded.
+use crate::pg;
+use crate::startup;
+use crate::stream::Stream;
+
+/// Entry point looked up by PostgreSQL by name.
 ///
 /// # Safety
 /// Called by PostgreSQL with a valid, zeroed callbacks struct.
@@ -22,69 +32,141 @@ use pgrx::prelude::*;
 pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
     // SAFETY: PostgreSQL passes a valid pointer to a struct it owns.
     let cb = unsafe { &mut *cb };
-    cb.startup_cb = Some(startup);
-    cb.begin_cb = Some(begin);
-    cb.change_cb = Some(change);
-    cb.commit_cb = Some(commit);
+    cb.startup_cb = Some(startup_cb);
+    cb.begin_cb = Some(begin_cb);
+    cb.change_cb = Some(change_cb);
+    cb.truncate_cb = Some(truncate_cb);
+    cb.message_cb = Some(message_cb);
+    cb.commit_cb = Some(commit_cb);
+    cb.filter_by_origin_cb = Some(filter_by_origin_cb);
+    cb.shutdown_cb = Some(shutdown_cb);
+}
+
+/// The stream of `ctx`, or `None` while creating the slot (no stream).
+unsafe fn stream<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> Option<&'a mut Stream> {
+    // SAFETY: output_plugin_private is null or the Stream made at startup.
+    unsafe { (*ctx).output_plugin_private.cast::<Stream>().as_mut() }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn startup(
-    _ctx: *mut pg_sys::LogicalDecodingContext,
+unsafe extern "C-unwind" fn startup_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
     opt: *mut pg_sys::OutputPluginOptions,
-    _is_init: bool,
+    is_init: bool,
 ) {
-    // SAFETY: PostgreSQL passes a valid options struct.
-    unsafe { (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT };
-}
-
-/// Writes one record: a tag byte and a big-endian u32.
-unsafe fn write_record(ctx: *mut pg_sys::LogicalDecodingContext, tag: u8, value: u32, last: bool) {
-    let mut buf = [0u8; 5];
-    buf[0] = tag;
-    buf[1..].copy_from_slice(&value.to_be_bytes());
-    // SAFETY: ctx is the live decoding context; out is its StringInfo.
+    // SAFETY: PostgreSQL passes valid pointers for the call.
     unsafe {
-        pg_sys::OutputPluginPrepareWrite(ctx, last);
-        pg_sys::appendBinaryStringInfo((*ctx).out, buf.as_ptr().cast(), buf.len() as i32);
-        pg_sys::OutputPluginWrite(ctx, last);
+        (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
+        (*opt).receive_rewrites = false;
+        let ctx = &mut *ctx;
+        ctx.output_plugin_private = std::ptr::null_mut();
+        // Creating the slot decodes nothing and passes no options.
+        if is_init {
+            return;
+        }
+        let agreed = startup::agree(ctx);
+        ctx.output_plugin_private = Stream::create(ctx, agreed).cast();
     }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn begin(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
-) {
-    // SAFETY: valid pointers from PostgreSQL for the duration of the call.
-    unsafe { write_record(ctx, b'B', (*txn).xid.into(), true) };
+unsafe extern "C-unwind" fn shutdown_cb(ctx: *mut pg_sys::LogicalDecodingContext) {
+    // SAFETY: ctx is live for the call.
+    if let Some(stream) = unsafe { stream(ctx) } {
+        stream.shutdown();
+    }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn change(
+unsafe extern "C-unwind" fn filter_by_origin_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    origin_id: pg_sys::RepOriginId,
+) -> bool {
+    // SAFETY: ctx is live for the call.
+    let forward = unsafe { stream(ctx) }.is_some_and(|s| s.forwards_origins());
+    !forward && origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin_cb(
     ctx: *mut pg_sys::LogicalDecodingContext,
     _txn: *mut pg_sys::ReorderBufferTXN,
-    relation: pg_sys::Relation,
-    change: *mut pg_sys::ReorderBufferChange,
 ) {
-    // SAFETY: valid pointers from PostgreSQL for the duration of the call.
-    unsafe {
-        let tag = match (*change).action {
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => b'I',
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => b'U',
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => b'D',
-            _ => return,
-        };
-        write_record(ctx, tag, (*relation).rd_id.to_u32(), true);
+    // SAFETY: ctx is live for the call.
+    if let Some(stream) = unsafe { stream(ctx) } {
+        stream.begin();
     }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn commit(
+unsafe extern "C-unwind" fn commit_cb(
     ctx: *mut pg_sys::LogicalDecodingContext,
     txn: *mut pg_sys::ReorderBufferTXN,
     _commit_lsn: pg_sys::XLogRecPtr,
 ) {
-    // SAFETY: valid pointers from PostgreSQL for the duration of the call.
-    unsafe { write_record(ctx, b'C', (*txn).xid.into(), true) };
+    // SAFETY: valid pointers for the call.
+    unsafe {
+        if let Some(stream) = stream(ctx) {
+            stream.commit(ctx, txn);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn change_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    relation: pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    // SAFETY: valid pointers for the call.
+    unsafe {
+        if let Some(stream) = stream(ctx) {
+            stream.change(ctx, txn, relation, change);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn truncate_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    nrelations: std::ffi::c_int,
+    relations: *mut pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    // SAFETY: valid pointers for the call; relations has nrelations items.
+    unsafe {
+        let Some(stream) = stream(ctx) else { return };
+        let count = usize::try_from(nrelations).unwrap_or(0);
+        let relations = if count == 0 {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts(relations, count)
+        };
+        stream.truncate(ctx, txn, relations, change);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn message_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    message_lsn: pg_sys::XLogRecPtr,
+    transactional: bool,
+    prefix: *const std::ffi::c_char,
+    message_size: pg_sys::Size,
+    message: *const std::ffi::c_char,
+) {
+    // SAFETY: valid pointers for the call; message has message_size bytes.
+    unsafe {
+        let Some(stream) = stream(ctx) else { return };
+        let prefix = pg::cstr_to_string(prefix, pg::database_is_utf8());
+        let content = if message_size == 0 {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts(message.cast::<u8>(), message_size)
+        };
+        stream.message(ctx, txn, message_lsn, transactional, &prefix, content);
+    }
 }

@@ -66,7 +66,9 @@ pub use startup::{
     DatumFormats, Negotiated, Startup, StartupError, StartupOptions, VersionRange,
     negotiate_version, write_startup,
 };
-pub use tuple::{Datum, MAX_COLUMNS, TupleWriter, put_tuple};
+pub use tuple::{
+    Datum, INT2_OID, INT4_OID, INT8_OID, IntSendFormat, MAX_COLUMNS, TupleWriter, put_tuple,
+};
 pub use txn::{
     Begin, Commit, LogicalMessage, Origin, write_begin, write_commit, write_logical_message,
 };

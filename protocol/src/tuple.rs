@@ -25,9 +25,17 @@
 
 use bytes::BufMut;
 
+use crate::Oid;
 use crate::error::{DecodeError, EncodeError};
 use crate::reader::{MAX_LENGTH, Reader, Result};
 use crate::varint::{put_ivarint, put_uvarint};
+
+/// The OID of `int2` (`INT2OID`).
+pub const INT2_OID: Oid = 21;
+/// The OID of `int4` (`INT4OID`).
+pub const INT4_OID: Oid = 23;
+/// The OID of `int8` (`INT8OID`).
+pub const INT8_OID: Oid = 20;
 
 /// Largest number of columns in a tuple: PostgreSQL's
 /// `MaxTupleAttributeNumber`.
@@ -61,7 +69,7 @@ pub enum Datum<'a> {
     /// The value of an `int2`, `int4` or `int8` column. Its binary send
     /// format is this value, big-endian, in the column type's width. The
     /// decoder does not know the column's type: a receiver must check that
-    /// the value fits it.
+    /// the value fits it, as [`IntSendFormat::new`] does.
     Int(i64),
 }
 
@@ -97,6 +105,40 @@ impl<'a> Datum<'a> {
             }
         }
     }
+}
+
+/// The binary send format of an integer value for a column of an
+/// integer type: 2, 4 or 8 big-endian bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntSendFormat {
+    bytes: [u8; 8],
+    len: usize,
+}
+
+impl IntSendFormat {
+    /// The value as `int2send`, `int4send` or `int8send` would produce it
+    /// for a column of type `type_oid`; `None` if the type is not one of
+    /// those or the value does not fit it.
+    pub fn new(value: i64, type_oid: Oid) -> Option<Self> {
+        let mut bytes = [0u8; 8];
+        let len = match type_oid {
+            INT2_OID => put_narrow::<2>(&mut bytes, i16::try_from(value).ok()?.to_be_bytes()),
+            INT4_OID => put_narrow::<4>(&mut bytes, i32::try_from(value).ok()?.to_be_bytes()),
+            INT8_OID => put_narrow::<8>(&mut bytes, value.to_be_bytes()),
+            _ => return None,
+        };
+        Some(IntSendFormat { bytes, len })
+    }
+
+    /// The send format's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+fn put_narrow<const N: usize>(out: &mut [u8; 8], bytes: [u8; N]) -> usize {
+    out[..N].copy_from_slice(&bytes);
+    N
 }
 
 fn put_value<B: BufMut + ?Sized>(buf: &mut B, kind: u64, bytes: &[u8]) {
@@ -197,24 +239,18 @@ pub(crate) fn read_datum<'a>(r: &mut Reader<'a>) -> Result<Datum<'a>> {
     let offset = r.pos();
     let header = r.uvarint()?;
     let (kind, len) = (header & KIND_MASK, header >> KIND_BITS);
-    let no_len = |datum: Datum<'a>| {
-        if len == 0 {
-            Ok(datum)
-        } else {
-            Err(DecodeError::InvalidValue {
-                field: "datum header",
-                value: header,
-                offset,
-            })
-        }
-    };
+    if matches!(kind, KIND_NULL | KIND_UNCHANGED_TOAST | KIND_INT) && len != 0 {
+        // These kinds carry no length; a non-zero one is a second encoding.
+        return Err(DecodeError::InvalidValue {
+            field: "datum header",
+            value: header,
+            offset,
+        });
+    }
     match kind {
-        KIND_NULL => no_len(Datum::Null),
-        KIND_UNCHANGED_TOAST => no_len(Datum::UnchangedToast),
-        KIND_INT => {
-            no_len(Datum::Null)?;
-            Ok(Datum::Int(r.ivarint()?))
-        }
+        KIND_NULL => Ok(Datum::Null),
+        KIND_UNCHANGED_TOAST => Ok(Datum::UnchangedToast),
+        KIND_INT => Ok(Datum::Int(r.ivarint()?)),
         KIND_BINARY => Ok(Datum::Binary(r.bytes_of_len(
             "binary datum",
             len,
@@ -251,4 +287,20 @@ pub(crate) fn read_tuple<'a>(r: &mut Reader<'a>) -> Result<Vec<Datum<'a>>> {
         columns.push(read_datum(r)?);
     }
     Ok(columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int_send_format_has_the_column_width() {
+        let send = |value, oid| IntSendFormat::new(value, oid).map(|s| s.as_bytes().to_vec());
+        assert_eq!(send(-2, INT2_OID), Some(vec![0xff, 0xfe]));
+        assert_eq!(send(12345, INT4_OID), Some(vec![0, 0, 0x30, 0x39]));
+        assert_eq!(send(1, INT8_OID), Some(vec![0, 0, 0, 0, 0, 0, 0, 1]));
+        assert_eq!(send(40_000, INT2_OID), None);
+        assert_eq!(send(1 << 31, INT4_OID), None);
+        assert_eq!(send(1, 25), None);
+    }
 }

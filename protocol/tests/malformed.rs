@@ -284,3 +284,59 @@ fn errors_read_well() {
         "unknown message tag 0x7a at offset 6"
     );
 }
+
+/// The decoder's contracts on one input (the fuzz target checks the same).
+fn check_contracts(data: &[u8]) {
+    match decode(data) {
+        Ok(Some((message, len))) => {
+            assert!(len >= 1 && len <= data.len());
+            assert_eq!(message.to_vec(), &data[..len], "encoding is not canonical");
+        }
+        Ok(None) => {}
+        Err(err) => {
+            assert!(!err.is_truncated());
+            assert!(err.offset() <= data.len());
+        }
+    }
+    for item in Messages::new(data) {
+        if let Err(err) = item {
+            assert!(err.offset() <= data.len());
+        }
+    }
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn golden_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let all: Vec<Vec<u8>> = golden_messages().iter().map(|(_, m)| m.to_vec()).collect();
+        proptest::sample::select(all)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        #[test]
+        fn arbitrary_bytes_keep_the_contracts(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            check_contracts(&data);
+        }
+
+        #[test]
+        fn mutated_golden_messages_keep_the_contracts(
+            bytes in golden_bytes(),
+            at in any::<prop::sample::Index>(),
+            value in any::<u8>(),
+            how in 0u8..3,
+        ) {
+            let mut data = bytes;
+            let i = at.index(data.len());
+            match how {
+                0 => data[i] = value,
+                1 => data.insert(i, value),
+                _ => { data.remove(i); }
+            }
+            check_contracts(&data);
+        }
+    }
+}

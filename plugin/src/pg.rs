@@ -1,0 +1,142 @@
+//! Small wrappers over PostgreSQL's C API that the plugin uses in several
+//! places: errors, memory contexts, text encoding, syscache structs.
+//!
+//! Everything here runs inside a backend (walsender or SQL function) on
+//! PostgreSQL's single thread.
+
+use std::ffi::{CStr, c_char};
+
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+/// Raises an ERROR with a SQLSTATE, a message and an optional hint.
+pub fn raise(code: PgSqlErrorCode, message: String, hint: Option<String>) -> ! {
+    let mut report = ErrorReport::new(code, message, "bdr");
+    if let Some(hint) = hint {
+        report = report.set_hint(hint);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("ereport(ERROR) returned")
+}
+
+/// Creates an AllocSet memory context under `parent` with the default
+/// sizes (`ALLOCSET_DEFAULT_SIZES`, memutils.h).
+///
+/// # Safety
+/// `parent` must be a live memory context.
+pub unsafe fn new_context(
+    parent: pg_sys::MemoryContext,
+    name: &'static CStr,
+) -> pg_sys::MemoryContext {
+    // SAFETY: the name is static, as AllocSetContextCreate requires.
+    unsafe {
+        pg_sys::AllocSetContextCreateExtended(
+            parent,
+            name.as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        )
+    }
+}
+
+/// Makes `cxt` the current memory context and returns the previous one
+/// (`MemoryContextSwitchTo`, palloc.h, is a static inline function).
+///
+/// # Safety
+/// `cxt` must be a live memory context.
+pub unsafe fn switch_to(cxt: pg_sys::MemoryContext) -> pg_sys::MemoryContext {
+    // SAFETY: single-threaded backend global.
+    unsafe {
+        std::mem::replace(
+            &mut *std::ptr::addr_of_mut!(pg_sys::CurrentMemoryContext),
+            cxt,
+        )
+    }
+}
+
+/// Whether the database encoding is UTF-8, so that server strings need no
+/// conversion before they go on the wire (which carries UTF-8 only).
+pub fn database_is_utf8() -> bool {
+    // SAFETY: reads the backend's database encoding, set at connection.
+    unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
+}
+
+/// Server-encoded bytes as UTF-8 text: borrowed when the database is
+/// UTF-8, converted (`pg_server_to_any`, mbutils.c) otherwise. Returns
+/// `None` for bytes that are not valid in UTF-8 (only possible with
+/// `SQL_ASCII` databases or corrupted data).
+///
+/// # Safety
+/// Must run in a backend; a converted string is palloc'd in the current
+/// memory context and lives as long as it.
+pub unsafe fn server_to_utf8(bytes: &[u8], utf8_db: bool) -> Option<&str> {
+    if utf8_db || bytes.is_ascii() {
+        return std::str::from_utf8(bytes).ok();
+    }
+    let len = i32::try_from(bytes.len()).ok()?;
+    // SAFETY: pg_server_to_any reads len bytes and returns either its
+    // input or a palloc'd, NUL-terminated conversion.
+    let converted = unsafe {
+        let p =
+            pg_sys::pg_server_to_any(bytes.as_ptr().cast(), len, pg_sys::pg_enc::PG_UTF8 as i32);
+        if p.cast_const() == bytes.as_ptr().cast() {
+            return std::str::from_utf8(bytes).ok();
+        }
+        CStr::from_ptr(p).to_bytes()
+    };
+    std::str::from_utf8(converted).ok()
+}
+
+/// A NUL-terminated server string as UTF-8, lossily (identifiers and
+/// names, where a replacement character beats an error).
+///
+/// # Safety
+/// `p` must point to a NUL-terminated string.
+pub unsafe fn cstr_to_string(p: *const c_char, utf8_db: bool) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: per the contract.
+    let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
+    // SAFETY: as above.
+    match unsafe { server_to_utf8(bytes, utf8_db) } {
+        Some(s) => s.to_owned(),
+        None => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+/// A `NameData` as a string.
+pub fn name_str(name: &pg_sys::NameData, utf8_db: bool) -> String {
+    // SAFETY: NameData is NUL-terminated within its 64 bytes.
+    unsafe { cstr_to_string(name.data.as_ptr(), utf8_db) }
+}
+
+/// The struct part of a heap tuple (`GETSTRUCT`, htup_details.h).
+///
+/// # Safety
+/// `tuple` must be a valid heap tuple whose data is a `T`.
+pub unsafe fn get_struct<T>(tuple: pg_sys::HeapTuple) -> *mut T {
+    // SAFETY: per the contract; t_hoff is the offset of the user data.
+    unsafe {
+        let header = (*tuple).t_data;
+        header
+            .cast::<u8>()
+            .add(usize::from((*header).t_hoff))
+            .cast()
+    }
+}
+
+/// Whether a varlena datum is a pointer to a value stored out of line
+/// in a TOAST table (`VARATT_IS_EXTERNAL_ONDISK`, varatt.h/postgres.h):
+/// a 1-byte header of 0x01 followed by the tag `VARTAG_ONDISK`.
+///
+/// # Safety
+/// `ptr` must point to a varlena.
+pub unsafe fn is_external_ondisk(ptr: *const u8) -> bool {
+    // SAFETY: an external varlena has at least two header bytes; any
+    // other varlena has at least one, and the second is only read when
+    // the first says external (little-endian 1-byte external header).
+    unsafe { *ptr == 0x01 && u32::from(*ptr.add(1)) == pg_sys::vartag_external::VARTAG_ONDISK }
+}

@@ -1,0 +1,485 @@
+//! The state of one decoding stream (one decoding context: a walsender's
+//! `START_REPLICATION`, or one SQL-level slot function call), and the
+//! translation of each decoded event into protocol messages.
+//!
+//! ```text
+//!  begin_cb   -> remember: BEGIN not sent yet
+//!  change_cb  -> [STARTUP] [BEGIN] [RELATION] INSERT/UPDATE/DELETE
+//!  truncate_cb-> [STARTUP] [BEGIN] [RELATION...] TRUNCATE
+//!  message_cb -> [STARTUP] [BEGIN] MESSAGE   (transactional)
+//!                [STARTUP] MESSAGE           (non-transactional)
+//!  commit_cb  -> COMMIT, or nothing if BEGIN was never sent
+//! ```
+//!
+//! Invariants:
+//! - STARTUP is the first message of every stream, written just before the
+//!   first other message (a stream that only sees skipped transactions
+//!   writes nothing at all).
+//! - BEGIN is written lazily, before the transaction's first message, so a
+//!   transaction with nothing to send (catalog-only, or all of its changes
+//!   filtered) produces no output, as in pgoutput.c.
+//! - Each message is one write (`OutputPluginPrepareWrite` /
+//!   `OutputPluginWrite`), encoded into a reusable buffer and appended to
+//!   `ctx->out` with one copy.
+//! - Everything a change allocates in PostgreSQL (detoasted values, send
+//!   and output function results, names) lives in `change_cxt`, which is
+//!   reset after every change, so memory does not grow with the size of a
+//!   transaction.
+//! - The state lives as long as the decoding context's memory context
+//!   (`ctx->context`): it is dropped when that context is deleted, also
+//!   when decoding ends with an ERROR and the shutdown callback never runs.
+
+use bdr_protocol::{
+    Begin, Commit, LogicalMessage, NodeId, OldKind, Origin, ReplicaIdentity, Startup, write_begin,
+    write_commit, write_delete_header, write_insert_header, write_logical_message, write_startup,
+    write_truncate, write_update_header,
+};
+use pgrx::{PgSqlErrorCode, pg_sys};
+
+use crate::datum::write_tuple;
+use crate::node;
+use crate::pg;
+use crate::relation::{RelCache, RelEntry};
+use crate::startup::{self, Agreed};
+
+/// Buffers larger than this are shrunk after use, so one huge row does
+/// not pin its size for the rest of the stream.
+const MAX_KEPT_BUFFER: usize = 1 << 20;
+
+/// The per-stream state, in `ctx->output_plugin_private`.
+#[derive(Debug)]
+pub struct Stream {
+    agreed: Agreed,
+    node_id: NodeId,
+    node_name: String,
+    database_encoding: String,
+    pg_version_num: u32,
+    utf8_db: bool,
+    startup_sent: bool,
+    begin_sent: bool,
+    /// Encoding buffer, reused for every message.
+    buf: Vec<u8>,
+    /// Deformed tuple, reused for every tuple.
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+    /// Relation ids of one TRUNCATE, reused.
+    rel_ids: Vec<u32>,
+    /// Node ids of the replication origins seen, by origin id.
+    origins: Vec<(u16, NodeId)>,
+    relations: RelCache,
+    change_cxt: pg_sys::MemoryContext,
+    guc_level: Option<i32>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.relations.deactivate();
+    }
+}
+
+impl Stream {
+    /// Creates the stream for `ctx` (its options already agreed) in
+    /// `ctx->context`, and returns it pinned there.
+    ///
+    /// # Safety
+    /// `ctx` must be the live decoding context, in its start-up callback.
+    pub unsafe fn create(ctx: &mut pg_sys::LogicalDecodingContext, agreed: Agreed) -> *mut Stream {
+        let utf8_db = pg::database_is_utf8();
+        let binary = agreed
+            .negotiated
+            .datum_formats
+            .contains(bdr_protocol::DatumFormats::BINARY);
+        // SAFETY: ctx->context lives until FreeDecodingContext.
+        let (change_cxt, cache_cxt) = unsafe {
+            (
+                pg::new_context(ctx.context, c"bdr change"),
+                pg::new_context(ctx.context, c"bdr relations"),
+            )
+        };
+        let stream = Stream {
+            agreed,
+            node_id: node::local_node_id(),
+            node_name: startup::local_node_name(),
+            database_encoding: startup::database_encoding(),
+            pg_version_num: startup::server_version_num(),
+            utf8_db,
+            startup_sent: false,
+            begin_sent: false,
+            buf: Vec::with_capacity(8192),
+            values: Vec::new(),
+            nulls: Vec::new(),
+            rel_ids: Vec::new(),
+            origins: Vec::new(),
+            relations: RelCache::new(cache_cxt, utf8_db, binary),
+            change_cxt,
+            guc_level: startup::pin_settings(),
+        };
+        let ptr = pgrx::PgMemoryContexts::For(ctx.context).leak_and_drop_on_delete(stream);
+        // SAFETY: the box behind ptr never moves until it is dropped, and
+        // Drop deactivates the cache.
+        unsafe { (*ptr).relations.activate() };
+        ptr
+    }
+
+    /// Whether changes from other origins are sent.
+    pub fn forwards_origins(&self) -> bool {
+        self.agreed.options.forward_origins
+    }
+
+    /// The shutdown callback: restores the session settings. The rest is
+    /// freed with the decoding context.
+    pub fn shutdown(&mut self) {
+        startup::unpin_settings(self.guc_level.take());
+        self.relations.deactivate();
+    }
+
+    /// Writes `self.buf` as one message to the client.
+    unsafe fn flush(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) {
+        let len = i32::try_from(self.buf.len()).unwrap_or_else(|_| {
+            pg::raise(
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!(
+                    "bdr: message of {} bytes is too large to send",
+                    self.buf.len()
+                ),
+                None,
+            )
+        });
+        // SAFETY: ctx is live; out is its output StringInfo, prepared by
+        // OutputPluginPrepareWrite.
+        unsafe {
+            pg_sys::OutputPluginPrepareWrite(ctx, true);
+            pg_sys::appendBinaryStringInfo((*ctx).out, self.buf.as_ptr().cast(), len);
+            pg_sys::OutputPluginWrite(ctx, true);
+        }
+        self.buf.clear();
+        if self.buf.capacity() > MAX_KEPT_BUFFER {
+            self.buf.shrink_to(MAX_KEPT_BUFFER / 16);
+        }
+    }
+
+    unsafe fn ensure_startup(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) {
+        if self.startup_sent {
+            return;
+        }
+        let startup = Startup {
+            proto_version: self.agreed.negotiated.proto_version,
+            node_id: self.node_id,
+            node_name: &self.node_name,
+            pg_version_num: self.pg_version_num,
+            database_encoding: &self.database_encoding,
+            datum_formats: self.agreed.negotiated.datum_formats,
+        };
+        write_startup(&mut self.buf, &startup);
+        // SAFETY: per the caller.
+        unsafe { self.flush(ctx) };
+        self.startup_sent = true;
+    }
+
+    /// The begin callback: BEGIN waits for the first message.
+    pub fn begin(&mut self) {
+        self.begin_sent = false;
+    }
+
+    unsafe fn ensure_begin(
+        &mut self,
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        txn: *mut pg_sys::ReorderBufferTXN,
+    ) {
+        if self.begin_sent {
+            return;
+        }
+        // SAFETY: per the caller.
+        unsafe { self.ensure_startup(ctx) };
+        // SAFETY: txn is the transaction being decoded.
+        let (xid, final_lsn, commit_time, origin_id, origin_lsn) = unsafe {
+            let t = &*txn;
+            (
+                t.xid,
+                t.final_lsn,
+                t.xact_time.commit_time,
+                t.origin_id,
+                t.origin_lsn,
+            )
+        };
+        let origin = (origin_id != pg_sys::InvalidRepOriginId as u16).then(|| Origin {
+            node_id: self.origin_node_id(origin_id),
+            lsn: origin_lsn,
+        });
+        let begin = Begin {
+            xid: xid.into(),
+            final_lsn,
+            commit_time,
+            origin,
+        };
+        write_begin(&mut self.buf, &begin);
+        // SAFETY: per the caller.
+        unsafe { self.flush(ctx) };
+        self.begin_sent = true;
+    }
+
+    /// The node id of replication origin `origin_id` (see
+    /// [`node::origin_node_id`]); an origin dropped since the change was
+    /// made is identified by the hash of its numeric id.
+    fn origin_node_id(&mut self, origin_id: u16) -> NodeId {
+        if let Some(&(_, id)) = self.origins.iter().find(|(o, _)| *o == origin_id) {
+            return id;
+        }
+        let mut name: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: catalog lookup in the decoding transaction; missing_ok.
+        let found = unsafe { pg_sys::replorigin_by_oid(origin_id, true, &mut name) };
+        let id = if found {
+            // SAFETY: found implies a palloc'd NUL-terminated name.
+            node::origin_node_id(&unsafe { pg::cstr_to_string(name, self.utf8_db) })
+        } else {
+            node::fnv1a64(origin_id.to_string().as_bytes())
+        };
+        self.origins.push((origin_id, id));
+        id
+    }
+
+    /// The commit callback.
+    pub unsafe fn commit(
+        &mut self,
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        txn: *mut pg_sys::ReorderBufferTXN,
+    ) {
+        let sent = self.begin_sent;
+        // Lets the walsender confirm progress past skipped transactions
+        // (logical.c, OutputPluginUpdateProgress).
+        // SAFETY: ctx is live.
+        unsafe { pg_sys::OutputPluginUpdateProgress(ctx, !sent) };
+        if !sent {
+            return;
+        }
+        // SAFETY: txn is the committing transaction.
+        let (commit_lsn, end_lsn) = unsafe { ((*txn).final_lsn, (*txn).end_lsn) };
+        write_commit(
+            &mut self.buf,
+            &Commit {
+                commit_lsn,
+                end_lsn,
+            },
+        );
+        // SAFETY: per the caller.
+        unsafe { self.flush(ctx) };
+        self.begin_sent = false;
+    }
+
+    /// Sends RELATION for `rel` if the stream has not seen its current
+    /// description; returns the entry.
+    unsafe fn relation(
+        &mut self,
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        rel: pg_sys::Relation,
+    ) -> *mut RelEntry {
+        // SAFETY: per the caller.
+        let (entry, send) = unsafe { self.relations.get(rel) };
+        let entry: *mut RelEntry = entry;
+        if send {
+            // SAFETY: entry points into the cache, which flush does not touch.
+            if let Some(bytes) = unsafe { &(*entry).sent } {
+                self.buf.extend_from_slice(bytes);
+            }
+            // SAFETY: per the caller.
+            unsafe { self.flush(ctx) };
+        }
+        entry
+    }
+
+    /// The change callback: INSERT, UPDATE or DELETE of one row.
+    pub unsafe fn change(
+        &mut self,
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        txn: *mut pg_sys::ReorderBufferTXN,
+        rel: pg_sys::Relation,
+        change: *mut pg_sys::ReorderBufferChange,
+    ) {
+        use pg_sys::ReorderBufferChangeType as Kind;
+        // SAFETY: the change callback's arguments are live for the call.
+        let (action, tp) = unsafe { ((*change).action, (*change).data.tp) };
+        let kind = match action {
+            Kind::REORDER_BUFFER_CHANGE_INSERT => "INSERT",
+            Kind::REORDER_BUFFER_CHANGE_UPDATE => "UPDATE",
+            Kind::REORDER_BUFFER_CHANGE_DELETE => "DELETE",
+            _ => return,
+        };
+        // SAFETY: change_cxt lives as long as the stream.
+        let previous = unsafe { pg::switch_to(self.change_cxt) };
+        // SAFETY: per the caller.
+        unsafe {
+            self.ensure_begin(ctx, txn);
+            let entry = &mut *self.relation(ctx, rel);
+            let desc = (*rel).rd_att;
+            match action {
+                Kind::REORDER_BUFFER_CHANGE_INSERT => {
+                    let new = require(tp.newtuple, kind, entry);
+                    write_insert_header(&mut self.buf, entry.rel_id);
+                    self.tuple(entry, desc, new);
+                }
+                Kind::REORDER_BUFFER_CHANGE_UPDATE => {
+                    let new = require(tp.newtuple, kind, entry);
+                    let old = old_kind(entry, kind, !tp.oldtuple.is_null());
+                    write_update_header(&mut self.buf, entry.rel_id, old);
+                    if old.is_some() {
+                        self.tuple(entry, desc, tp.oldtuple);
+                    }
+                    self.tuple(entry, desc, new);
+                }
+                _ => {
+                    let old = require(tp.oldtuple, kind, entry);
+                    let old_kind = old_kind(entry, kind, true).unwrap_or(OldKind::Key);
+                    write_delete_header(&mut self.buf, entry.rel_id, old_kind);
+                    self.tuple(entry, desc, old);
+                }
+            }
+            self.flush(ctx);
+            pg::switch_to(previous);
+            pg_sys::MemoryContextReset(self.change_cxt);
+        }
+    }
+
+    /// Appends one tuple of `entry`'s relation.
+    unsafe fn tuple(
+        &mut self,
+        entry: &mut RelEntry,
+        desc: pg_sys::TupleDesc,
+        tuple: *mut pg_sys::ReorderBufferTupleBuf,
+    ) {
+        // SAFETY: tuple is a decoded tuple of the relation desc describes.
+        unsafe {
+            let natts = (*desc).natts as usize;
+            self.values.resize(natts, pg_sys::Datum::from(0));
+            self.nulls.resize(natts, true);
+            pg_sys::heap_deform_tuple(
+                &mut (*tuple).tuple,
+                desc,
+                self.values.as_mut_ptr(),
+                self.nulls.as_mut_ptr(),
+            );
+            if let Err(n) = write_tuple(
+                &mut self.buf,
+                &mut entry.columns,
+                &self.values,
+                &self.nulls,
+                self.utf8_db,
+            ) {
+                pg::raise(
+                    PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+                    format!(
+                        "bdr: value of column \"{}\" of table \"{}\" cannot be converted to UTF-8",
+                        entry.column_name(n),
+                        entry.display_name
+                    ),
+                    None,
+                );
+            }
+        }
+    }
+
+    /// The truncate callback.
+    pub unsafe fn truncate(
+        &mut self,
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        txn: *mut pg_sys::ReorderBufferTXN,
+        relations: &[pg_sys::Relation],
+        change: *mut pg_sys::ReorderBufferChange,
+    ) {
+        // SAFETY: change_cxt lives as long as the stream.
+        let previous = unsafe { pg::switch_to(self.change_cxt) };
+        // SAFETY: per the caller.
+        unsafe {
+            self.ensure_begin(ctx, txn);
+            let mut rel_ids = std::mem::take(&mut self.rel_ids);
+            rel_ids.clear();
+            for &rel in relations {
+                rel_ids.push((*self.relation(ctx, rel)).rel_id);
+            }
+            let flags = (*change).data.truncate;
+            write_truncate(&mut self.buf, flags.cascade, flags.restart_seqs, &rel_ids);
+            self.rel_ids = rel_ids;
+            self.flush(ctx);
+            pg::switch_to(previous);
+            pg_sys::MemoryContextReset(self.change_cxt);
+        }
+    }
+
+    /// The message callback (`pg_logical_emit_message`).
+    pub unsafe fn message(
+        &mut self,
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        txn: *mut pg_sys::ReorderBufferTXN,
+        lsn: pg_sys::XLogRecPtr,
+        transactional: bool,
+        prefix: &str,
+        content: &[u8],
+    ) {
+        // SAFETY: per the caller.
+        unsafe {
+            if transactional {
+                self.ensure_begin(ctx, txn);
+            } else {
+                self.ensure_startup(ctx);
+            }
+        }
+        write_logical_message(
+            &mut self.buf,
+            &LogicalMessage {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            },
+        );
+        // SAFETY: per the caller.
+        unsafe { self.flush(ctx) };
+    }
+}
+
+/// The tuple a change must carry, or an ERROR naming the table.
+fn require(
+    tuple: *mut pg_sys::ReorderBufferTupleBuf,
+    kind: &str,
+    entry: &RelEntry,
+) -> *mut pg_sys::ReorderBufferTupleBuf {
+    if tuple.is_null() {
+        no_identity(kind, entry);
+    }
+    tuple
+}
+
+/// Which old tuple an UPDATE (`has_old`: the key changed, or FULL) or a
+/// DELETE carries. A table without a replica identity cannot have its
+/// updates and deletes replicated: see [`no_identity`].
+fn old_kind(entry: &RelEntry, kind: &str, has_old: bool) -> Option<OldKind> {
+    if !entry.has_identity() {
+        no_identity(kind, entry);
+    }
+    match (has_old, entry.identity) {
+        (false, _) => None,
+        (true, ReplicaIdentity::Full) => Some(OldKind::Full),
+        (true, _) => Some(OldKind::Key),
+    }
+}
+
+/// Refuses an UPDATE or DELETE of a table without replica identity.
+///
+/// An ERROR, not a skipped change: skipping would silently let the peers
+/// diverge, while the ERROR stops the stream at this change until the
+/// operator decides (the same refusal PostgreSQL's own publications make,
+/// there at the writing statement: CheckCmdReplicaIdentity, execReplication.c).
+fn no_identity(kind: &str, entry: &RelEntry) -> ! {
+    pg::raise(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!(
+            "bdr: cannot replicate {kind} on table \"{}\" because it has no replica identity",
+            entry.display_name
+        ),
+        Some(
+            "Give the table a primary key or set REPLICA IDENTITY FULL or USING INDEX; \
+             changes already written are not affected, so to go on, the slot must be advanced \
+             past this transaction (pg_replication_slot_advance), skipping it."
+                .into(),
+        ),
+    )
+}
