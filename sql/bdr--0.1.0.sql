@@ -32,3 +32,80 @@ CREATE TABLE bdr.nodes (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE bdr.nodes IS 'nodes of the bdr group; bdr-applier streams from every active one';
+
+-- Slot inspection -------------------------------------------------------
+
+CREATE FUNCTION bdr.decode_changes(data bytea[])
+    RETURNS TABLE (ord int, kind text, relation text, old text, new text,
+                   origin bigint, commit_time timestamptz)
+    LANGUAGE c STRICT STABLE
+    AS 'MODULE_PATHNAME', 'decode_changes_wrapper';
+COMMENT ON FUNCTION bdr.decode_changes(bytea[]) IS
+    'decodes bdr protocol messages (e.g. the data of pg_logical_slot_peek_binary_changes, in order) into readable rows; ord is the index of the array element';
+
+-- Peeks at a bdr slot without consuming it: one row per protocol message,
+-- with the position and transaction of the change that produced it.
+-- The stream is requested as a replication client would (text and binary
+-- datums, forwarding as asked), under node id 0.
+CREATE FUNCTION bdr.peek_changes(
+        slot_name name,
+        upto_lsn pg_lsn DEFAULT NULL,
+        upto_nchanges int DEFAULT NULL,
+        forward_origins boolean DEFAULT false,
+        OUT lsn pg_lsn, OUT xid xid, OUT kind text, OUT relation text,
+        OUT old json, OUT new json, OUT origin bigint,
+        OUT commit_time timestamptz)
+    RETURNS SETOF record
+    LANGUAGE sql VOLATILE
+    AS $$
+    WITH raw AS (
+        SELECT array_agg(c.lsn ORDER BY c.n) AS lsns,
+               array_agg(c.xid ORDER BY c.n) AS xids,
+               array_agg(c.data ORDER BY c.n) AS frames
+        FROM pg_logical_slot_peek_binary_changes(
+                 slot_name, upto_lsn, upto_nchanges,
+                 'startup_version', '1',
+                 'min_proto_version', '1', 'max_proto_version', '1',
+                 'node_id', '0', 'node_name', 'bdr.peek_changes',
+                 'pg_version_num', current_setting('server_version_num'),
+                 'datum_formats', 'text,binary',
+                 'forward_origins', forward_origins::text)
+             WITH ORDINALITY AS c(lsn, xid, data, n)
+    )
+    SELECT raw.lsns[d.ord], raw.xids[d.ord], d.kind, d.relation,
+           d.old::json, d.new::json, d.origin, d.commit_time
+    FROM raw, bdr.decode_changes(raw.frames) AS d
+    WHERE raw.frames IS NOT NULL
+    $$;
+COMMENT ON FUNCTION bdr.peek_changes(name, pg_lsn, int, boolean) IS
+    'the changes waiting in a bdr slot, decoded, without consuming them';
+
+-- Every slot of the bdr plugin, the peer it serves (slots are named
+-- bdr_<16 hex digits of the subscriber''s node id>; NULL for other names),
+-- how much WAL it holds back, and its walsender''s progress when active.
+CREATE VIEW bdr.node_slots AS
+SELECT s.slot_name,
+       CASE WHEN s.slot_name::text ~ '^bdr_[0-9a-f]{16}$'
+            THEN ('x' || substr(s.slot_name::text, 5))::bit(64)::bigint
+       END AS peer_node_id,
+       s.database,
+       s.active,
+       s.active_pid,
+       s.restart_lsn,
+       s.confirmed_flush_lsn,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn) AS retained_wal_bytes,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn) AS lag_bytes,
+       r.application_name,
+       r.state,
+       r.sent_lsn,
+       r.write_lsn,
+       r.flush_lsn,
+       r.replay_lsn,
+       r.write_lag,
+       r.flush_lag,
+       r.replay_lag
+FROM pg_replication_slots AS s
+LEFT JOIN pg_stat_replication AS r ON r.pid = s.active_pid
+WHERE s.plugin = 'bdr';
+COMMENT ON VIEW bdr.node_slots IS
+    'bdr slots: peer, retained WAL, lag in bytes and the walsender''s sent/write/flush/replay positions and lag times';

@@ -14,6 +14,7 @@
 use pgrx::prelude::*;
 
 mod datum;
+mod inspect;
 mod node;
 mod output;
 mod pg;

@@ -174,12 +174,27 @@ pub fn database_encoding() -> String {
 /// This node's name in STARTUP: `cluster_name/database` when
 /// `cluster_name` is set, else the database name. (The node catalog will
 /// name nodes; until then this is what an operator recognises.)
+///
+/// A walsender runs the start-up callback outside any transaction, so the
+/// catalog lookup of the database's name gets a short transaction of its
+/// own there.
 pub fn local_node_name() -> String {
-    // SAFETY: MyDatabaseId is set in a database-connected backend;
-    // get_database_name returns a palloc'd copy or NULL.
+    // SAFETY: catalog access inside a transaction, started here when the
+    // caller has none (and committed before returning; it writes nothing).
     let db = unsafe {
+        let own_transaction = !pg_sys::IsTransactionState();
+        let cxt = pg_sys::CurrentMemoryContext;
+        if own_transaction {
+            pg_sys::StartTransactionCommand();
+        }
         let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        pg::cstr_to_string(name, pg::database_is_utf8())
+        let db = pg::cstr_to_string(name, pg::database_is_utf8());
+        if own_transaction {
+            pg_sys::CommitTransactionCommand();
+            // Committing leaves TopMemoryContext current (xact.c).
+            pg::switch_to(cxt);
+        }
+        db
     };
     // SAFETY: a built-in GUC.
     let cluster = unsafe { pg_sys::GetConfigOption(c"cluster_name".as_ptr(), true, false) };
