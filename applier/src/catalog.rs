@@ -28,7 +28,7 @@ pub struct Peer {
 /// Errors reading or writing the catalog.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error(transparent)]
+    #[error("{}", crate::describe_db_error(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("node {node}: invalid connection string: {source}")]
     Dsn {

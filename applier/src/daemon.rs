@@ -25,23 +25,30 @@ struct Running {
 /// for them: each rolls back what it had not committed and reports its
 /// final position.
 pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let (client, conn) = settings.local.connect(tokio_postgres::NoTls).await?;
-    let conn_task = tokio::spawn(conn);
-    let local =
-        Arc::new(catalog::local_node(&client, &settings.node_name, settings.local.clone()).await?);
+    let mut watcher = Watcher::connect(&settings).await?;
+    let local = Arc::new(
+        catalog::local_node(&watcher.client, &settings.node_name, settings.local.clone()).await?,
+    );
     info!(node = %local.name, node_id = format!("{:016x}", local.node_id), "applier started");
     let mut running: HashMap<String, Running> = HashMap::new();
     loop {
-        match catalog::peers(&client, &local.name).await {
-            Ok(peers) => reconcile(&local, peers, &mut running),
-            Err(e) => warn!(error = %e, "reading bdr.nodes failed"),
+        if watcher.lost() {
+            // The local server restarted: peer tasks retry on their own;
+            // membership is read again once a connection is back.
+            match Watcher::connect(&settings).await {
+                Ok(w) => watcher = w,
+                Err(e) => warn!(error = %e, "reconnecting to the local database failed"),
+            }
+        }
+        if !watcher.lost() {
+            match catalog::peers(&watcher.client, &local.name).await {
+                Ok(peers) => reconcile(&local, peers, &mut running),
+                Err(e) => warn!(error = %e, "reading bdr.nodes failed"),
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(MEMBERSHIP_POLL) => {}
             _ = shutdown.changed() => break,
-        }
-        if conn_task.is_finished() {
-            anyhow::bail!("the local connection that watches bdr.nodes was lost");
         }
     }
     info!("shutting down");
@@ -50,6 +57,26 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> any
         let _ = r.task.await;
     }
     Ok(())
+}
+
+/// The local connection that reads `bdr.nodes`.
+struct Watcher {
+    client: tokio_postgres::Client,
+    conn: JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl Watcher {
+    async fn connect(settings: &Settings) -> Result<Watcher, tokio_postgres::Error> {
+        let (client, conn) = settings.local.connect(tokio_postgres::NoTls).await?;
+        Ok(Watcher {
+            client,
+            conn: tokio::spawn(conn),
+        })
+    }
+
+    fn lost(&self) -> bool {
+        self.conn.is_finished()
+    }
 }
 
 /// Starts tasks for new peers, stops those of removed or changed ones.

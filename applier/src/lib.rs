@@ -23,3 +23,22 @@ pub mod origin;
 mod peer;
 pub mod status;
 pub mod stream;
+
+/// A database error as an operator needs it: severity, SQLSTATE, message,
+/// detail, hint and where, rather than tokio-postgres's bare "db error".
+pub(crate) fn describe_db_error(err: &tokio_postgres::Error) -> String {
+    let Some(db) = err.as_db_error() else {
+        return err.to_string();
+    };
+    let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    if let Some(detail) = db.detail() {
+        text.push_str(&format!(" (detail: {detail})"));
+    }
+    if let Some(hint) = db.hint() {
+        text.push_str(&format!(" (hint: {hint})"));
+    }
+    if let Some(at) = db.where_() {
+        text.push_str(&format!(" (where: {at})"));
+    }
+    text
+}

@@ -44,8 +44,10 @@ enum Command {
     AddPeer {
         /// The peer's node name.
         name: String,
-        /// How this node reaches the peer.
-        dsn: String,
+        /// How this node reaches the peer (a distinct id: global --dsn is
+        /// the local database).
+        #[arg(value_name = "PEER_DSN")]
+        peer_dsn: String,
     },
     /// Stop streaming from a peer (marks it parted in bdr.nodes).
     Part {
@@ -85,8 +87,8 @@ async fn command(command: Command, settings: Settings) -> anyhow::Result<()> {
             let id = catalog::register_local(&client, &settings.node_name, dsn).await?;
             println!("registered node {} (id {id:016x})", settings.node_name);
         }
-        Command::AddPeer { name, dsn } => {
-            catalog::add_peer(&local_client(&settings).await?, &name, &dsn).await?;
+        Command::AddPeer { name, peer_dsn } => {
+            catalog::add_peer(&local_client(&settings).await?, &name, &peer_dsn).await?;
             println!("added peer {name}");
         }
         Command::Part { name } => {

@@ -32,7 +32,8 @@ use crate::stream::{
     StreamError,
 };
 
-/// Status updates go out at least this often while streaming.
+/// Status updates go out at least this often while streaming (keep it well
+/// under the peer's `wal_sender_timeout`).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// After a commit, a status update goes out once this much time passed
 /// since the last one (synchronous replication on the peer waits for it).
@@ -43,7 +44,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Why a session with a peer ended.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SessionError {
-    #[error("local database: {0}")]
+    #[error("local database: {}", crate::describe_db_error(.0))]
     Local(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Catalog(#[from] crate::catalog::CatalogError),
@@ -196,7 +197,11 @@ impl Session {
                     None => return Err(SessionError::Ended),
                 },
                 _ = tick.tick() => {
-                    if self.sent != self.flushed || self.last_status.elapsed() >= STATUS_INTERVAL * 10 {
+                    // Also while a long transaction is being applied and the
+                    // position does not move: the peer's walsender gives up
+                    // on a client that stays silent for wal_sender_timeout,
+                    // and its keepalive requests queue behind the data.
+                    if self.sent != self.flushed || self.last_status.elapsed() >= STATUS_INTERVAL {
                         self.send_status(false).await?;
                     }
                 }

@@ -1,12 +1,13 @@
 //! Applying one peer's stream of changes to the local database.
 //!
 //! ```text
-//!  BEGIN     -> BEGIN; pg_replication_origin_xact_setup(commit lsn, commit time)
+//!  BEGIN     -> BEGIN
 //!  RELATION  -> match to the local table, drop its old statements
 //!  INSERT/UPDATE/DELETE -> prepared statement, values bound as sent
 //!  TRUNCATE  -> TRUNCATE of the local tables
 //!  MESSAGE   -> the message dispatcher
-//!  COMMIT    -> COMMIT; the origin's progress moves in the same commit
+//!  COMMIT    -> pg_replication_origin_xact_setup(end lsn, commit time);
+//!               COMMIT: the origin's progress moves in the same commit
 //! ```
 //!
 //! The connection is bound to this node's replication origin for the peer
@@ -27,6 +28,7 @@ pub(crate) mod sql;
 use bdr_protocol::{
     Begin, Commit, Datum, Delete, Insert, LogicalMessage, Lsn, Message, RelId, Truncate, Update,
 };
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use tracing::{debug, warn};
 
@@ -76,7 +78,7 @@ pub(crate) enum ApplyError {
     NestedBegin(u32),
     #[error("unexpected STARTUP message in the middle of the stream")]
     UnexpectedStartup,
-    #[error(transparent)]
+    #[error("{}", crate::describe_db_error(.0))]
     Database(#[from] tokio_postgres::Error),
 }
 
@@ -100,6 +102,8 @@ impl ApplyError {
 #[derive(Debug, Clone, Copy)]
 struct OpenTxn {
     xid: u32,
+    /// The remote commit time, recorded with the commit.
+    commit_time: i64,
 }
 
 /// Applies the stream of one peer through one local connection.
@@ -177,22 +181,31 @@ impl Applier {
             return Err(ApplyError::NestedBegin(open.xid));
         }
         self.client.batch_execute("BEGIN").await?;
-        // pg_lsn and timestamptz in binary are 8 big-endian bytes: the
-        // remote values are recorded exactly.
-        let lsn = Param::eight_bytes(m.final_lsn);
-        let time = Param::eight_bytes(m.commit_time as u64);
-        self.client
-            .execute(&self.xact_setup, &[&lsn, &time])
-            .await?;
-        self.txn = Some(OpenTxn { xid: m.xid });
+        self.txn = Some(OpenTxn {
+            xid: m.xid,
+            commit_time: m.commit_time,
+        });
         Ok(())
     }
 
+    /// Records the remote commit in the origin, then commits: the origin's
+    /// progress becomes the transaction's end LSN atomically with its rows.
+    /// The end LSN (not the commit record's start) is what a restart asks
+    /// the peer to stream from: the peer skips every transaction whose
+    /// commit record starts before it, this one included.
     async fn handle_commit(&mut self, m: &Commit) -> Result<Applied, ApplyError> {
-        if self.txn.is_none() {
+        let Some(open) = self.txn else {
             return Err(ApplyError::OutsideTransaction("COMMIT"));
-        }
-        self.client.batch_execute("COMMIT").await?;
+        };
+        // pg_lsn and timestamptz in binary are 8 big-endian bytes: the
+        // remote values are recorded exactly. Both statements go out in
+        // one round trip.
+        let lsn = Param::eight_bytes(m.end_lsn);
+        let time = Param::eight_bytes(open.commit_time as u64);
+        let params: [&(dyn ToSql + Sync); 2] = [&lsn, &time];
+        let setup = self.client.execute(&self.xact_setup, &params);
+        let commit = self.client.batch_execute("COMMIT");
+        tokio::try_join!(setup, commit)?;
         self.txn = None;
         Ok(Applied::Committed(m.end_lsn))
     }
