@@ -1,0 +1,222 @@
+//! The mesh: changes made on any node reach every other node exactly once,
+//! through the bdr plugin and bdr-applier, across restarts and crashes.
+
+use std::thread;
+use std::time::Duration;
+
+use bdr_tests::{Mesh, applier_command};
+
+const SCHEMA: &str = "
+CREATE TABLE t (id int PRIMARY KEY, v text, n bigint);
+CREATE TABLE log (node text, v text);
+CREATE TABLE big (id bigint PRIMARY KEY, payload text);";
+
+/// Content fingerprint of a table, the same on every node when they agree.
+fn fingerprint(table: &str, order: &str) -> String {
+    format!(
+        "SELECT count(*) || ':' || coalesce(md5(string_agg(x::text, ',' ORDER BY {order})), '') FROM {table} x"
+    )
+}
+
+#[test]
+fn two_nodes_replicate_every_change_kind_both_ways() {
+    let mesh = Mesh::new(&["a", "b"], SCHEMA);
+    let (a, b) = (mesh.node("a"), mesh.node("b"));
+    a.safe_psql("INSERT INTO t SELECT g, 'a' || g, g FROM generate_series(1, 100) g");
+    b.safe_psql("INSERT INTO t SELECT g, 'b' || g, g FROM generate_series(101, 200) g");
+    mesh.wait_for_catchup();
+    assert_eq!(mesh.assert_same("SELECT count(*) FROM t"), "200");
+
+    a.safe_psql("UPDATE t SET v = 'updated on a', n = n * 2 WHERE id BETWEEN 150 AND 160");
+    b.safe_psql("DELETE FROM t WHERE id <= 10");
+    b.safe_psql("UPDATE t SET id = id + 1000 WHERE id = 50");
+    mesh.wait_for_catchup();
+    mesh.assert_same(&fingerprint("t", "id"));
+    assert_eq!(
+        a.safe_psql("SELECT count(*) FROM t WHERE v = 'updated on a'"),
+        "11"
+    );
+    assert_eq!(b.safe_psql("SELECT v FROM t WHERE id = 1050"), "a50");
+
+    b.safe_psql("TRUNCATE t");
+    mesh.wait_for_catchup();
+    assert_eq!(mesh.assert_same("SELECT count(*) FROM t"), "0");
+}
+
+#[test]
+fn three_nodes_apply_each_change_once_and_never_loop() {
+    let mesh = Mesh::new(&["a", "b", "c"], SCHEMA);
+    for n in &mesh.nodes {
+        n.safe_psql(&format!(
+            "INSERT INTO log VALUES ('{0}', 'from {0}')",
+            n.name()
+        ));
+    }
+    mesh.wait_for_catchup();
+    // A second round: anything that looped would have arrived by now.
+    mesh.wait_for_catchup();
+    let expected = "a|from a\nb|from b\nc|from c";
+    assert_eq!(
+        mesh.assert_same("SELECT node, v FROM log ORDER BY node"),
+        expected
+    );
+    // Every node applied exactly one transaction from each peer.
+    for n in &mesh.nodes {
+        assert_eq!(
+            n.safe_psql("SELECT count(*) FROM pg_replication_origin_status"),
+            "2"
+        );
+    }
+}
+
+#[test]
+fn applier_killed_mid_stream_loses_and_duplicates_nothing() {
+    let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
+    let writer_dsn = mesh.node("a").connstr();
+    let writer = thread::spawn(move || {
+        let mut client = postgres::Client::connect(&writer_dsn, postgres::NoTls).expect("connect");
+        for batch in 0..40i64 {
+            client
+                .execute(
+                    "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series($1::bigint, $1 + 2499) g",
+                    &[&(batch * 2500)],
+                )
+                .expect("insert batch");
+            client
+                .execute("INSERT INTO log VALUES ('a', $1)", &[&batch.to_string()])
+                .expect("insert log");
+        }
+    });
+    for _ in 0..4 {
+        thread::sleep(Duration::from_millis(700));
+        mesh.applier("b").kill9();
+        thread::sleep(Duration::from_millis(200));
+        mesh.applier("b").restart();
+    }
+    writer.join().expect("writer");
+    mesh.wait_for_catchup();
+    assert_eq!(mesh.assert_same("SELECT count(*) FROM big"), "100000");
+    mesh.assert_same(&fingerprint("big", "id"));
+    assert_eq!(
+        mesh.assert_same("SELECT count(*), count(DISTINCT v) FROM log"),
+        "40|40"
+    );
+}
+
+#[test]
+fn large_and_many_small_transactions() {
+    let mesh = Mesh::new(&["a", "b"], SCHEMA);
+    let a = mesh.node("a");
+    a.safe_psql("INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 100000) g");
+    a.safe_psql(
+        "DO $$ BEGIN FOR i IN 1..10000 LOOP
+             INSERT INTO t VALUES (i, 'small', i); COMMIT;
+         END LOOP; END $$",
+    );
+    mesh.wait_for_catchup();
+    assert_eq!(mesh.assert_same("SELECT count(*) FROM big"), "100000");
+    assert_eq!(mesh.assert_same("SELECT count(*) FROM t"), "10000");
+    mesh.assert_same(&fingerprint("big", "id"));
+    mesh.assert_same(&fingerprint("t", "id"));
+}
+
+#[test]
+fn a_restarted_or_unreachable_peer_does_not_stop_the_others() {
+    let mut mesh = Mesh::new(&["a", "b", "c"], SCHEMA);
+    mesh.node_mut("c").stop();
+    mesh.node("a")
+        .safe_psql("INSERT INTO log VALUES ('a', 'while c is down')");
+    mesh.node("b")
+        .poll_query_until("SELECT count(*) FROM log", "1");
+    mesh.node_mut("c").start();
+    mesh.node("c")
+        .poll_query_until("SELECT count(*) FROM log", "1");
+
+    mesh.node_mut("a").restart();
+    mesh.node("a")
+        .safe_psql("INSERT INTO log VALUES ('a', 'after restart')");
+    mesh.node("b")
+        .poll_query_until("SELECT count(*) FROM log", "2");
+    mesh.node("c")
+        .poll_query_until("SELECT count(*) FROM log", "2");
+    mesh.wait_for_catchup();
+    mesh.assert_same(&fingerprint("log", "v"));
+}
+
+#[test]
+fn synchronous_commit_waits_for_the_peers_applier() {
+    let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
+    let a = mesh.node("a");
+    a.append_conf("synchronous_standby_names = 'b'");
+    a.reload();
+    a.safe_psql("INSERT INTO log VALUES ('a', 'sync 1')");
+    assert_eq!(
+        mesh.node("b").safe_psql("SELECT count(*) FROM log"),
+        "1",
+        "applied before the commit returned"
+    );
+
+    assert_eq!(
+        mesh.applier("b").stop().code(),
+        Some(0),
+        "clean exit on SIGTERM"
+    );
+    let dsn = mesh.node("a").connstr();
+    let commit = thread::spawn(move || {
+        let mut client = postgres::Client::connect(&dsn, postgres::NoTls).expect("connect");
+        client
+            .batch_execute("INSERT INTO log VALUES ('a', 'sync 2')")
+            .expect("insert");
+    });
+    thread::sleep(Duration::from_secs(2));
+    assert!(
+        !commit.is_finished(),
+        "the commit waits while b's applier is down"
+    );
+    mesh.applier("b").restart();
+    commit.join().expect("commit finished");
+    assert_eq!(mesh.node("b").safe_psql("SELECT count(*) FROM log"), "2");
+}
+
+#[test]
+fn status_and_cli_errors_name_what_is_wrong() {
+    let mesh = Mesh::new(&["a", "b"], SCHEMA);
+    mesh.node("a")
+        .safe_psql("INSERT INTO log VALUES ('a', 'x')");
+    mesh.wait_for_catchup();
+    let status = applier_command(mesh.node("b"), &["status"]);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("a "))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(line.contains("streaming"), "{status}");
+
+    let out =
+        bdr_tests::applier_command_output(mesh.node("a"), &["add-peer", "z", "port=notanumber"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node z") && err.contains("connection string"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_table_stops_only_that_peer_and_names_it() {
+    let mut mesh = Mesh::new(&["a", "b", "c"], SCHEMA);
+    mesh.node("a")
+        .safe_psql("CREATE TABLE only_on_a (id int PRIMARY KEY)");
+    mesh.node("a").safe_psql("INSERT INTO only_on_a VALUES (1)");
+    mesh.applier("b")
+        .wait_for_log("relation public.only_on_a does not exist on this node");
+    // c's changes still reach b.
+    mesh.node("c")
+        .safe_psql("INSERT INTO log VALUES ('c', 'still flowing')");
+    mesh.node("b")
+        .poll_query_until("SELECT count(*) FROM log", "1");
+    // Once the table exists, the retry applies the change.
+    mesh.node("b")
+        .safe_psql("CREATE TABLE only_on_a (id int PRIMARY KEY)");
+    mesh.node("b")
+        .poll_query_until("SELECT count(*) FROM only_on_a", "1");
+}
