@@ -99,17 +99,35 @@ fn concatenated_fixtures_form_one_frame() {
     assert_eq!(decoded, expected);
 }
 
-/// Writes the fixtures as the fuzzer's seed corpus:
-/// `cargo test -p bdr-protocol --test golden -- --ignored write_seed_corpus`.
+/// The fuzzer's seed corpus holds every golden fixture and a frame of all
+/// of them. When a fixture is added or changed, run this test with
+/// `BDR_WRITE_SEED_CORPUS=1` to rewrite the corpus, then commit it.
 #[test]
-#[ignore = "writes files; run by hand when fixtures are added"]
-fn write_seed_corpus() {
+fn seed_corpus_matches_the_fixtures() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode");
-    std::fs::create_dir_all(&dir).unwrap();
+    let write = std::env::var_os("BDR_WRITE_SEED_CORPUS").is_some();
     let mut frame = Vec::new();
+    let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
     for (name, _) in GOLDEN {
-        std::fs::write(dir.join(name), fixture(name)).unwrap();
+        expected.push(((*name).to_owned(), fixture(name)));
         frame.extend(fixture(name));
     }
-    std::fs::write(dir.join("frame_of_all"), frame).unwrap();
+    expected.push(("frame_of_all".to_owned(), frame));
+    for (name, bytes) in expected {
+        let path = dir.join(&name);
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "seed {}: {e}; rewrite with BDR_WRITE_SEED_CORPUS=1",
+                path.display()
+            )
+        });
+        assert_eq!(
+            on_disk, bytes,
+            "seed {name} is stale; rewrite with BDR_WRITE_SEED_CORPUS=1"
+        );
+    }
 }
