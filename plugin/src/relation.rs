@@ -33,6 +33,9 @@ use pgrx::pg_sys;
 use crate::datum::ColumnOut;
 use crate::pg;
 
+/// The schema of the extension's catalog, whose tables are not replicated.
+const EXTENSION_SCHEMA: &str = "bdr";
+
 /// One table as the stream describes it.
 #[derive(Debug)]
 pub struct RelEntry {
@@ -42,6 +45,9 @@ pub struct RelEntry {
     pub valid: bool,
     /// `schema.name`, for error messages.
     pub display_name: String,
+    /// A table of the extension's own schema (`bdr.nodes`, ...): each
+    /// node's copy is its own, so its changes are never sent.
+    pub local_only: bool,
     /// The replica identity as sent (`Nothing` when the table has no
     /// usable identity, e.g. DEFAULT without a primary key).
     pub identity: ReplicaIdentity,
@@ -110,32 +116,33 @@ impl RelCache {
     /// transaction (catalog access).
     pub unsafe fn get(&mut self, rel: pg_sys::Relation) -> (&mut RelEntry, bool) {
         // SAFETY: per the contract.
+        let entry = unsafe { self.refresh(rel) };
+        let send = entry.take_relation_change();
+        (entry, send)
+    }
+
+    /// The up-to-date entry for `rel`, rebuilt if it is new or stale; does
+    /// not decide whether RELATION is sent.
+    ///
+    /// # Safety
+    /// As for [`RelCache::get`].
+    pub unsafe fn refresh(&mut self, rel: pg_sys::Relation) -> &mut RelEntry {
+        // SAFETY: per the contract.
         let (oid, natts) = unsafe { ((*rel).rd_id, (*(*rel).rd_att).natts as usize) };
-        let fresh = match self.entries.get(&oid) {
-            Some(entry) => !entry.valid || entry.natts != natts,
-            None => true,
-        };
-        if fresh {
-            if !self.entries.contains_key(&oid) {
-                let rel_id = self.next_id;
-                self.next_id += 1;
-                // SAFETY: parent_cxt lives as long as the stream.
-                let cxt = unsafe { pg::new_context(self.parent_cxt, c"bdr relation") };
-                self.entries.insert(oid, RelEntry::empty(rel_id, cxt));
-            }
-            let (utf8_db, binary) = (self.utf8_db, self.binary);
-            if let Some(entry) = self.entries.get_mut(&oid) {
-                // SAFETY: per the contract.
-                unsafe { entry.rebuild(rel, utf8_db, binary) };
-            }
+        let (utf8_db, binary, parent_cxt) = (self.utf8_db, self.binary, self.parent_cxt);
+        let next_id = &mut self.next_id;
+        let entry = self.entries.entry(oid).or_insert_with(|| {
+            let rel_id = *next_id;
+            *next_id += 1;
+            // SAFETY: parent_cxt lives as long as the stream.
+            let cxt = unsafe { pg::new_context(parent_cxt, c"bdr relation") };
+            RelEntry::empty(rel_id, cxt)
+        });
+        if !entry.valid || entry.natts != natts {
+            // SAFETY: per the contract.
+            unsafe { entry.rebuild(rel, utf8_db, binary) };
         }
-        match self.entries.get_mut(&oid) {
-            Some(entry) => {
-                let send = entry.take_relation_change();
-                (entry, send)
-            }
-            None => unreachable!("entry inserted above"),
-        }
+        entry
     }
 
     fn invalidate(&mut self, relid: pg_sys::Oid) {
@@ -178,6 +185,7 @@ impl RelEntry {
             rel_id,
             valid: false,
             display_name: String::new(),
+            local_only: false,
             identity: ReplicaIdentity::Nothing,
             natts: 0,
             columns: Vec::new(),
@@ -198,6 +206,7 @@ impl RelEntry {
                 pg::cstr_to_string(pg_sys::get_namespace_name(class.relnamespace), utf8_db);
             let name = pg::name_str(&class.relname, utf8_db);
             self.display_name = format!("{schema}.{name}");
+            self.local_only = schema == EXTENSION_SCHEMA;
             let (identity, keys) = replica_identity(rel);
             self.identity = identity;
             let desc = (*rel).rd_att;

@@ -266,6 +266,16 @@ impl Stream {
         self.begin_sent = false;
     }
 
+    /// Whether `rel` belongs to the extension's own catalog, which every
+    /// node keeps for itself (see `RelEntry::local_only`).
+    ///
+    /// # Safety
+    /// `rel` is an open relation, inside a decoding callback.
+    unsafe fn is_local_only(&mut self, rel: pg_sys::Relation) -> bool {
+        // SAFETY: per the caller.
+        unsafe { self.relations.refresh(rel).local_only }
+    }
+
     /// Sends RELATION for `rel` if the stream has not seen its current
     /// description; returns the entry.
     unsafe fn relation(
@@ -304,6 +314,10 @@ impl Stream {
             Kind::REORDER_BUFFER_CHANGE_DELETE => "DELETE",
             _ => return,
         };
+        // SAFETY: per the caller.
+        if unsafe { self.is_local_only(rel) } {
+            return;
+        }
         // SAFETY: change_cxt lives as long as the stream.
         let previous = unsafe { pg::switch_to(self.change_cxt) };
         // SAFETY: per the caller.
@@ -385,6 +399,15 @@ impl Stream {
         relations: &[pg_sys::Relation],
         change: *mut pg_sys::ReorderBufferChange,
     ) {
+        // SAFETY: per the caller.
+        let replicated: Vec<pg_sys::Relation> = relations
+            .iter()
+            .copied()
+            .filter(|&rel| unsafe { !self.is_local_only(rel) })
+            .collect();
+        if replicated.is_empty() {
+            return;
+        }
         // SAFETY: change_cxt lives as long as the stream.
         let previous = unsafe { pg::switch_to(self.change_cxt) };
         // SAFETY: per the caller.
@@ -392,7 +415,7 @@ impl Stream {
             self.ensure_begin(ctx, txn);
             let mut rel_ids = std::mem::take(&mut self.rel_ids);
             rel_ids.clear();
-            for &rel in relations {
+            for rel in replicated {
                 rel_ids.push((*self.relation(ctx, rel)).rel_id);
             }
             let flags = (*change).data.truncate;

@@ -476,3 +476,27 @@ fn bad_startup_options_are_refused_clearly() {
     };
     assert_eq!(ins.new, [bdr_protocol::Datum::Text("1")]);
 }
+
+#[test]
+fn the_extension_catalog_is_never_sent() {
+    let node = started("catalog");
+    node.safe_psql("CREATE TABLE t (id int PRIMARY KEY)");
+    slot(&node, "s");
+    node.safe_psql("INSERT INTO bdr.nodes (node_name, dsn) VALUES ('z', 'host=h')");
+    node.safe_psql("BEGIN; UPDATE bdr.nodes SET dsn = 'host=i'; INSERT INTO t VALUES (1); COMMIT");
+    node.safe_psql("TRUNCATE bdr.nodes");
+    node.safe_psql("TRUNCATE bdr.nodes, t");
+
+    let frames = peek(&node, "s", &client_options(&node));
+    let messages = decode(&frames);
+    // Only the row of t and the truncate of t: bdr.nodes is each node's own.
+    assert_eq!(outline(&messages), "SBRICBTC");
+    let Message::Relation(r) = &messages[2] else {
+        unreachable!()
+    };
+    assert_eq!((r.schema, r.name), ("public", "t"));
+    let Message::Truncate(t) = &messages[6] else {
+        unreachable!()
+    };
+    assert_eq!(t.rel_ids, [r.rel_id]);
+}
