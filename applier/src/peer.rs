@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bdr_protocol::{DatumFormats, DecodeError, Message, Messages, NodeId, StartupOptions};
 use tokio::sync::watch;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::apply::{Applied, Applier, ApplyError};
 use crate::catalog::{LocalNode, Peer};
@@ -52,8 +52,12 @@ pub(crate) enum SessionError {
     Stream(#[from] StreamError),
     #[error("at {lsn}: malformed message: {source}")]
     Decode { lsn: Lsn, source: DecodeError },
-    #[error("at {lsn}: {source}")]
-    Apply { lsn: Lsn, source: ApplyError },
+    #[error("at {lsn}{}: {source}", xid.map(|x| format!(" in remote xid {x}")).unwrap_or_default())]
+    Apply {
+        lsn: Lsn,
+        xid: Option<u32>,
+        source: ApplyError,
+    },
     #[error("handshake: {0}")]
     Handshake(String),
     #[error("the peer ended the stream")]
@@ -74,7 +78,8 @@ pub(crate) async fn run(local: Arc<LocalNode>, peer: Peer, mut shutdown: watch::
     let mut backoff = BACKOFF_FIRST;
     loop {
         let started = Instant::now();
-        let result = session(&local, &peer, &mut shutdown).await;
+        let span = info_span!("peer", peer = %peer.name);
+        let result = session(&local, &peer, &mut shutdown).instrument(span).await;
         if *shutdown.borrow() {
             return;
         }
@@ -145,7 +150,11 @@ async fn session(
     info!(peer = %peer.name, lsn = %start, "streaming from peer");
     let applier = Applier::new(client)
         .await
-        .map_err(|source| SessionError::Apply { lsn: start, source })?;
+        .map_err(|source| SessionError::Apply {
+            lsn: start,
+            xid: None,
+            source,
+        })?;
     let mut state = Session {
         stream,
         applier,
@@ -236,7 +245,10 @@ impl Session {
                     }
                 }
                 Ok(Applied::Pending) => {}
-                Err(source) => return Err(SessionError::Apply { lsn, source }),
+                Err(source) => {
+                    let xid = self.applier.current_xid();
+                    return Err(SessionError::Apply { lsn, xid, source });
+                }
             }
         }
         Ok(())

@@ -152,6 +152,11 @@ impl Applier {
         Ok(())
     }
 
+    /// The remote xid of the transaction being applied.
+    pub(crate) fn current_xid(&self) -> Option<u32> {
+        self.txn.map(|t| t.xid)
+    }
+
     /// Whether a remote transaction is being applied.
     pub(crate) fn in_transaction(&self) -> bool {
         self.txn.is_some()

@@ -18,9 +18,10 @@ use super::ApplyError;
 use super::sql;
 
 /// Looks up the local table's columns: name, type OID, type schema and
-/// name, generated flag.
+/// name, generated flag, type as SQL writes it.
 const LOCAL_COLUMNS: &str = "\
-SELECT a.attname::text, a.atttypid::oid, tn.nspname::text, t.typname::text, a.attgenerated <> ''
+SELECT a.attname::text, a.atttypid::oid, tn.nspname::text, t.typname::text, a.attgenerated <> '',
+       pg_catalog.format_type(a.atttypid, NULL)
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -83,15 +84,19 @@ impl MappedRelation {
                 None => col.type_oid == local_oid,
             };
             if !same_type {
-                let remote_type = col.type_name.map_or_else(
-                    || format!("oid {}", col.type_oid),
-                    |t| format!("{}.{}", t.schema, t.name),
-                );
+                let remote_type = match col.type_name {
+                    Some(t) => format!("{}.{}", t.schema, t.name),
+                    // Built-in types have the same OID on every node.
+                    None => client
+                        .query_one("SELECT pg_catalog.format_type($1, NULL)", &[&col.type_oid])
+                        .await?
+                        .get(0),
+                };
                 return Err(ApplyError::TypeMismatch {
                     relation: display,
                     column: col.name.into(),
                     remote: remote_type,
-                    local: format!("{local_schema}.{local_type}"),
+                    local: local.get(5),
                 });
             }
             if local.get::<_, bool>(4) {
