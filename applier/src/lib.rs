@@ -19,6 +19,7 @@ mod apply;
 pub mod catalog;
 pub mod config;
 pub mod daemon;
+mod fault;
 pub mod origin;
 mod peer;
 pub mod status;

@@ -239,6 +239,7 @@ impl Session {
             }
             match self.applier.handle(&msg).await {
                 Ok(Applied::Committed(end)) => {
+                    crate::fault::after_commit();
                     self.flushed = Lsn(end).max(self.flushed);
                     if self.last_status.elapsed() >= STATUS_AFTER_COMMIT {
                         self.send_status(false).await?;

@@ -95,6 +95,12 @@ impl ApplierProcess {
 
     /// Starts the daemon again after a stop or kill.
     pub fn restart(&mut self) {
+        self.restart_with_env(&[]);
+    }
+
+    /// Starts the daemon again with extra environment variables (fault
+    /// injection: `BDR_FAULT_ABORT_AFTER_COMMITS`).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(
             self.child.is_none(),
             "applier of {} is already running",
@@ -111,6 +117,7 @@ impl ApplierProcess {
                 "RUST_LOG",
                 std::env::var("BDR_TEST_APPLIER_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -149,6 +156,23 @@ impl ApplierProcess {
                     self.node_name
                 );
             }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the daemon to exit by itself; returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("applier is not running");
+        let deadline = Instant::now() + crate::timeout();
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for the applier") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "applier of {} did not exit",
+                self.node_name
+            );
             sleep(Duration::from_millis(50));
         }
     }

@@ -299,3 +299,33 @@ fn columns_are_matched_by_name_and_definition_changes_are_followed() {
     applier_b
         .wait_for_log("column v of relation public.w has type integer on the peer but text here");
 }
+
+#[test]
+fn a_crash_between_local_commit_and_feedback_applies_nothing_twice() {
+    let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
+    mesh.applier("b").stop();
+    for i in 0..5 {
+        mesh.node("a")
+            .safe_psql(&format!("INSERT INTO log VALUES ('a', 'tx {i}')"));
+    }
+    // The applier aborts right after its third local commit, before it
+    // tells a: b's origin is ahead of a's slot.
+    mesh.applier("b")
+        .restart_with_env(&[("BDR_FAULT_ABORT_AFTER_COMMITS", "3")]);
+    assert!(!mesh.applier("b").wait_exit().success(), "aborted");
+    assert_eq!(mesh.node("b").safe_psql("SELECT count(*) FROM log"), "3");
+    let origin_progress = mesh
+        .node("b")
+        .safe_psql("SELECT remote_lsn FROM pg_replication_origin_status");
+    let confirmed = mesh.node("a").safe_psql(&format!(
+        "SELECT confirmed_flush_lsn < '{origin_progress}' FROM pg_replication_slots"
+    ));
+    assert_eq!(confirmed, "t", "the peer had not heard of the last commit");
+    // Restarted, it resumes after the third transaction, not at the slot.
+    mesh.applier("b").restart();
+    mesh.wait_for_catchup();
+    assert_eq!(
+        mesh.assert_same("SELECT count(*), count(DISTINCT v) FROM log"),
+        "5|5"
+    );
+}
