@@ -1,0 +1,179 @@
+//! Conflicts, one pair per test: the same row written on two nodes before
+//! either saw the other's change. The conflict is forced by stopping
+//! node b's applier while both nodes write (a first, so b's commit is the
+//! later one), then restarting it. Each test checks the converged data on
+//! every node and the history rows of the nodes that met the conflict.
+
+use bdr_tests::{Mesh, Node};
+
+const SCHEMA: &str = "
+CREATE TABLE t (id int PRIMARY KEY, v text);
+CREATE TABLE u (id int PRIMARY KEY, email text UNIQUE, v text);";
+
+/// The conflicts node `n` recorded: `type|resolution` per line, in order.
+fn history(n: &Node) -> String {
+    n.safe_psql("SELECT conflict_type || '|' || resolution FROM bdr.conflict_history ORDER BY id")
+}
+
+/// A two-node mesh where `seed` was written on a and reached b.
+fn pair(seed: &str) -> Mesh {
+    let mesh = Mesh::new(&["a", "b"], SCHEMA);
+    if !seed.is_empty() {
+        mesh.node("a").safe_psql(seed);
+        mesh.wait_for_catchup();
+    }
+    mesh
+}
+
+/// Runs `on_a` on a, then `on_b` on b, while b applies nothing; then lets
+/// b catch up and waits for both directions.
+fn concurrently(mesh: &mut Mesh, on_a: &str, on_b: &str) {
+    mesh.applier("b").stop();
+    mesh.node("a").safe_psql(on_a);
+    mesh.node("b").safe_psql(on_b);
+    mesh.applier("b").restart();
+    mesh.wait_for_catchup();
+}
+
+#[test]
+fn insert_insert_later_commit_wins_on_both_nodes() {
+    let mut mesh = pair("");
+    concurrently(
+        &mut mesh,
+        "INSERT INTO t VALUES (1, 'a')",
+        "INSERT INTO t VALUES (1, 'b')",
+    );
+    assert_eq!(mesh.assert_same("SELECT id, v FROM t"), "1|b");
+    assert_eq!(history(mesh.node("a")), "insert_exists|apply_remote");
+    assert_eq!(history(mesh.node("b")), "insert_exists|keep_local");
+    // The history row carries both versions and who wrote them.
+    let a = mesh.node("a");
+    assert_eq!(
+        a.safe_psql(
+            "SELECT relation, key, local_row ->> 'v', remote_row ->> 'v',
+                    local_origin = bdr.local_node_id(),
+                    local_commit_time < remote_commit_time,
+                    remote_node_id = (SELECT node_id FROM bdr.nodes WHERE node_name = 'b')
+               FROM bdr.conflict_history"
+        ),
+        "public.t|{\"id\": 1}|a|b|t|t|t"
+    );
+    assert_eq!(
+        a.safe_psql(
+            "SELECT remote_node_name, relation, conflict_type, conflicts FROM bdr.conflict_stats"
+        ),
+        "b|public.t|insert_exists|1"
+    );
+}
+
+#[test]
+fn update_update_later_commit_wins_on_both_nodes() {
+    let mut mesh = pair("INSERT INTO t VALUES (1, 'seed')");
+    concurrently(
+        &mut mesh,
+        "UPDATE t SET v = 'a' WHERE id = 1",
+        "UPDATE t SET v = 'b' WHERE id = 1",
+    );
+    assert_eq!(mesh.assert_same("SELECT id, v FROM t"), "1|b");
+    assert_eq!(
+        history(mesh.node("a")),
+        "update_origin_differs|apply_remote"
+    );
+    assert_eq!(history(mesh.node("b")), "update_origin_differs|keep_local");
+}
+
+#[test]
+fn update_delete_the_row_stays_deleted() {
+    let mut mesh = pair("INSERT INTO t VALUES (1, 'seed'), (2, 'seed')");
+    // The update is the later commit, and still the delete wins.
+    concurrently(
+        &mut mesh,
+        "DELETE FROM t WHERE id = 1",
+        "UPDATE t SET v = 'b' WHERE id = 1",
+    );
+    assert_eq!(mesh.assert_same("SELECT id, v FROM t"), "2|seed");
+    assert_eq!(history(mesh.node("a")), "update_missing|skip");
+    assert_eq!(
+        history(mesh.node("b")),
+        "delete_origin_differs|apply_remote"
+    );
+}
+
+#[test]
+fn delete_delete_is_recorded_and_skipped() {
+    let mut mesh = pair("INSERT INTO t VALUES (1, 'seed'), (2, 'seed')");
+    concurrently(
+        &mut mesh,
+        "DELETE FROM t WHERE id = 1",
+        "DELETE FROM t WHERE id = 1",
+    );
+    assert_eq!(mesh.assert_same("SELECT id, v FROM t"), "2|seed");
+    assert_eq!(history(mesh.node("a")), "delete_missing|skip");
+    assert_eq!(history(mesh.node("b")), "delete_missing|skip");
+}
+
+#[test]
+fn secondary_unique_key_the_older_row_is_removed_everywhere() {
+    let mut mesh = pair("");
+    concurrently(
+        &mut mesh,
+        "INSERT INTO u VALUES (1, 'x@example.org', 'a')",
+        "INSERT INTO u VALUES (2, 'x@example.org', 'b')",
+    );
+    assert_eq!(
+        mesh.assert_same("SELECT id, email, v FROM u"),
+        "2|x@example.org|b"
+    );
+    assert_eq!(history(mesh.node("a")), "insert_exists|apply_remote");
+    assert_eq!(history(mesh.node("b")), "insert_exists|keep_local");
+    assert_eq!(
+        mesh.node("a")
+            .safe_psql("SELECT detail FROM bdr.conflict_history"),
+        "unique index u_email_key"
+    );
+}
+
+#[test]
+fn update_exists_the_losing_row_is_removed_everywhere() {
+    let mut mesh = pair("INSERT INTO u VALUES (1, 'x@example.org', 'seed')");
+    concurrently(
+        &mut mesh,
+        "UPDATE u SET email = 'z@example.org' WHERE id = 1",
+        "INSERT INTO u VALUES (2, 'z@example.org', 'b')",
+    );
+    assert_eq!(
+        mesh.assert_same("SELECT id, email, v FROM u ORDER BY id"),
+        "2|z@example.org|b"
+    );
+    assert_eq!(history(mesh.node("a")), "insert_exists|apply_remote");
+    assert_eq!(history(mesh.node("b")), "update_exists|keep_local");
+}
+
+#[test]
+fn multiple_unique_conflicts_resolve_against_every_row() {
+    let mut mesh = pair("");
+    // Neither node applies while b writes two rows, then a writes one
+    // that holds the key of the first and the email of the second.
+    mesh.applier("a").stop();
+    mesh.applier("b").stop();
+    mesh.node("b")
+        .safe_psql("INSERT INTO u VALUES (1, 'x@example.org', 'b1'), (2, 'y@example.org', 'b2')");
+    mesh.node("a")
+        .safe_psql("INSERT INTO u VALUES (1, 'y@example.org', 'a')");
+    mesh.applier("a").restart();
+    mesh.applier("b").restart();
+    mesh.wait_for_catchup();
+    // a's row is the latest: on b it replaces both rows, on a it stays.
+    assert_eq!(
+        mesh.assert_same("SELECT id, email, v FROM u ORDER BY id"),
+        "1|y@example.org|a"
+    );
+    assert_eq!(
+        history(mesh.node("a")),
+        "insert_exists|keep_local\ninsert_exists|keep_local"
+    );
+    assert_eq!(
+        history(mesh.node("b")),
+        "multiple_unique_conflicts|apply_remote"
+    );
+}
