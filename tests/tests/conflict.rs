@@ -177,3 +177,130 @@ fn multiple_unique_conflicts_resolve_against_every_row() {
         "multiple_unique_conflicts|apply_remote"
     );
 }
+
+/// Writes `rows` on `node` as if a transaction of origin `origin` had
+/// committed them at `time` (the way the applier applies a remote
+/// transaction).
+fn write_as_origin(node: &Node, origin: &str, time: &str, rows: &str) {
+    let mut client = node.connect();
+    client
+        .batch_execute(&format!(
+            "SELECT pg_replication_origin_create('{origin}')
+              WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = '{origin}');
+             SELECT pg_replication_origin_session_setup('{origin}');
+             BEGIN;
+             SELECT pg_replication_origin_xact_setup('0/1', '{time}');
+             INSERT INTO t VALUES {rows};
+             COMMIT;
+             SELECT pg_replication_origin_session_reset();"
+        ))
+        .expect("writing through a replication origin");
+}
+
+#[test]
+fn equal_commit_times_break_on_node_id_the_same_way_on_every_node() {
+    let mut mesh = Mesh::new(&["a", "b", "c"], SCHEMA);
+    mesh.applier("a").stop();
+    mesh.applier("b").stop();
+    let c = mesh.node("c");
+    c.safe_psql("INSERT INTO t VALUES (1, 'c'), (2, 'c')");
+    let time = c.safe_psql("SELECT pg_xact_commit_timestamp(xmin) FROM t WHERE id = 1");
+    // On a and b, rows with the same keys last written at the very same
+    // time by the highest and the lowest possible node id.
+    for name in ["a", "b"] {
+        let n = mesh.node(name);
+        write_as_origin(n, "bdr_7fffffffffffffff", &time, "(1, 'highest id')");
+        write_as_origin(n, "bdr_8000000000000000", &time, "(2, 'lowest id')");
+    }
+    mesh.applier("a").restart();
+    mesh.applier("b").restart();
+    mesh.wait_for_catchup();
+    for name in ["a", "b"] {
+        let n = mesh.node(name);
+        assert_eq!(
+            n.safe_psql("SELECT id, v FROM t ORDER BY id"),
+            "1|highest id\n2|c",
+            "node {name}"
+        );
+        assert_eq!(
+            n.safe_psql(
+                "SELECT key ->> 'id', resolution, local_commit_time = remote_commit_time,
+                        to_hex(local_origin)
+                   FROM bdr.conflict_history ORDER BY key ->> 'id'"
+            ),
+            "1|keep_local|t|7fffffffffffffff\n2|apply_remote|t|8000000000000000",
+            "node {name}"
+        );
+    }
+}
+
+#[test]
+fn first_update_wins_keeps_the_earlier_row() {
+    let mut mesh = pair("");
+    for n in &mesh.nodes {
+        n.safe_psql("SELECT bdr.set_conflict_resolver('public.t', 'first_update_wins')");
+    }
+    concurrently(
+        &mut mesh,
+        "INSERT INTO t VALUES (1, 'a')",
+        "INSERT INTO t VALUES (1, 'b')",
+    );
+    assert_eq!(mesh.assert_same("SELECT id, v FROM t"), "1|a");
+    assert_eq!(history(mesh.node("a")), "insert_exists|keep_local");
+    assert_eq!(history(mesh.node("b")), "insert_exists|apply_remote");
+}
+
+#[test]
+fn history_can_be_turned_off_and_conflicts_are_still_logged() {
+    let mut mesh = pair("");
+    mesh.node("a")
+        .safe_psql("SELECT bdr.set_conflict_history(false)");
+    concurrently(
+        &mut mesh,
+        "INSERT INTO t VALUES (1, 'a')",
+        "INSERT INTO t VALUES (1, 'b')",
+    );
+    assert_eq!(mesh.assert_same("SELECT id, v FROM t"), "1|b");
+    assert_eq!(history(mesh.node("a")), "");
+    assert_eq!(history(mesh.node("b")), "insert_exists|keep_local");
+    mesh.applier("a").wait_for_log(
+        "conflict type=insert_exists relation=public.t resolution=apply_remote \
+         resolver=last_update_wins peer=b",
+    );
+    assert!(!mesh.applier("a").log().contains("'b'"));
+}
+
+#[test]
+fn error_resolver_stops_the_peer_until_an_operator_acts() {
+    let mut mesh = pair("");
+    for n in &mesh.nodes {
+        n.safe_psql("SELECT bdr.set_conflict_resolver('public.t', 'error')");
+    }
+    mesh.applier("b").stop();
+    mesh.node("a").safe_psql("INSERT INTO t VALUES (1, 'a')");
+    mesh.node("b")
+        .safe_psql("INSERT INTO t VALUES (1, 'b'), (2, 'b')");
+    mesh.node("b").safe_psql("INSERT INTO t VALUES (3, 'b')");
+    mesh.applier("b").restart();
+    for name in ["a", "b"] {
+        mesh.applier(name).wait_for_log(
+            "conflict insert_exists on relation public.t and the table's conflict resolver is 'error'",
+        );
+    }
+    // Nothing of the conflicting transactions, nor of what follows, was
+    // applied; the conflict is recorded once however often apply retries.
+    assert_eq!(mesh.node("a").safe_psql("SELECT count(*) FROM t"), "1");
+    for n in &mesh.nodes {
+        assert_eq!(history(n), "insert_exists|error");
+    }
+    // The operator lets b's row win on both nodes.
+    mesh.node("a")
+        .safe_psql("SELECT bdr.set_conflict_resolver('public.t', 'apply_remote')");
+    mesh.node("b")
+        .safe_psql("SELECT bdr.set_conflict_resolver('public.t', 'keep_local')");
+    mesh.wait_for_catchup();
+    assert_eq!(
+        mesh.assert_same("SELECT id, v FROM t ORDER BY id"),
+        "1|b\n2|b\n3|b"
+    );
+}

@@ -205,8 +205,8 @@ impl ConflictRecord {
         info!(
             "type" = %self.kind,
             relation = %self.relation,
-            resolution = self.resolution.as_str(),
-            resolver = self.resolver.as_str(),
+            resolution = %self.resolution.as_str(),
+            resolver = %self.resolver.as_str(),
             peer = %self.remote.peer,
             origin = %format_args!("{:016x}", self.remote.version.node),
             lsn = %Lsn(self.remote.commit_lsn),
