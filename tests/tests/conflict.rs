@@ -304,3 +304,30 @@ fn error_resolver_stops_the_peer_until_an_operator_acts() {
         "1|b\n2|b\n3|b"
     );
 }
+
+#[test]
+fn partitions_are_told_apart_when_resolving() {
+    // The first row of each partition has the same ctid.
+    let mut mesh = Mesh::new(
+        &["a", "b"],
+        "CREATE TABLE p (id int, part int, v text, PRIMARY KEY (id, part)) PARTITION BY LIST (part);
+         CREATE TABLE p1 PARTITION OF p FOR VALUES IN (1);
+         CREATE TABLE p2 PARTITION OF p FOR VALUES IN (2);",
+    );
+    mesh.node("a")
+        .safe_psql("INSERT INTO p VALUES (1, 1, 'seed'), (1, 2, 'seed')");
+    mesh.wait_for_catchup();
+    concurrently(
+        &mut mesh,
+        "UPDATE p SET v = 'a' WHERE id = 1 AND part = 1",
+        "UPDATE p SET v = 'b' WHERE id = 1 AND part = 1",
+    );
+    assert_eq!(
+        mesh.assert_same("SELECT tableoid::regclass, id, part, v FROM p ORDER BY part"),
+        "p1|1|1|b\np2|1|2|seed"
+    );
+    assert_eq!(
+        history(mesh.node("a")),
+        "update_origin_differs|apply_remote"
+    );
+}

@@ -40,6 +40,7 @@ impl<'a> FromSql<'a> for Micros {
 /// A local row met by a remote change, locked, with its last writer.
 #[derive(Debug)]
 pub(crate) struct LocalRow {
+    /// `tableoid:ctid` (partitions of one table reuse ctids).
     pub(crate) ctid: String,
     pub(crate) json: String,
     /// Unknown for a frozen row or one written earlier in this

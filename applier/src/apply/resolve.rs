@@ -87,10 +87,17 @@ async fn unique_hits<'v, 'a: 'v>(
     Ok((hits, indexes))
 }
 
-async fn delete_row(client: &Client, rel: &MappedRelation, ctid: &str) -> Result<(), ApplyError> {
-    let ctid = Param::Text(ctid);
+/// The table oid and ctid of a row's address from [`sql::lookup`], as
+/// text parameters.
+fn address(addr: &str) -> [Param<'_>; 2] {
+    let (table, ctid) = addr.split_once(':').unwrap_or(("0", addr));
+    [Param::Text(table), Param::Text(ctid)]
+}
+
+async fn delete_row(client: &Client, rel: &MappedRelation, addr: &str) -> Result<(), ApplyError> {
+    let [table, ctid] = address(addr);
     client
-        .execute(&sql::delete_by_ctid(&rel.table), &[&ctid])
+        .execute(&sql::delete_by_ctid(&rel.table), &[&table, &ctid])
         .await?;
     Ok(())
 }
@@ -250,7 +257,8 @@ pub(crate) async fn update_conflict(
     let set_names = rel.names(v.set_cols.iter().copied());
     let update = sql::update_by_ctid(&rel.table, &set_names);
     let mut refs: Vec<&Param<'_>> = v.new.iter().collect();
-    let ctid = Param::Text(&local.ctid);
+    let [table, ctid] = address(&local.ctid);
+    refs.push(&table);
     refs.push(&ctid);
     if hits.is_empty() {
         client.execute(&update, &as_sql(&refs)).await?;

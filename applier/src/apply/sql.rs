@@ -105,12 +105,13 @@ pub(crate) fn delete(table: &str, keys: &[&str]) -> String {
 }
 
 /// The local row found by `keys` (the replica identity or a unique key),
-/// locked, with its last writer: `ctid`, the row as json, its commit time
+/// locked, with its last writer: its address (`tableoid:ctid`, the
+/// table oid telling partitions apart), the row as json, its commit time
 /// and the node id of its origin (both NULL when unknown), and the origin
 /// id.
 pub(crate) fn lookup(table: &str, keys: &[&str]) -> String {
     format!(
-        "SELECT t.ctid::text, pg_catalog.to_jsonb(t)::text, x.timestamp, \
+        "SELECT t.tableoid::text || ':' || t.ctid::text, pg_catalog.to_jsonb(t)::text, x.timestamp, \
                 bdr.origin_node_id(x.roident), x.roident \
            FROM {table} AS t, pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) AS x \
           WHERE {} FOR UPDATE OF t",
@@ -118,13 +119,14 @@ pub(crate) fn lookup(table: &str, keys: &[&str]) -> String {
     )
 }
 
-/// `DELETE FROM table WHERE ctid = $1::tid`, for a row locked by
-/// [`lookup`] in the same transaction.
+/// `DELETE FROM table WHERE tableoid = $1::oid AND ctid = $2::tid`, for
+/// a row locked by [`lookup`] in the same transaction.
 pub(crate) fn delete_by_ctid(table: &str) -> String {
-    format!("DELETE FROM {table} WHERE ctid = $1::tid")
+    format!("DELETE FROM {table} WHERE tableoid = $1::oid AND ctid = $2::tid")
 }
 
-/// `UPDATE table SET s1 = $1, ... WHERE ctid = $n+1::tid`.
+/// `UPDATE table SET s1 = $1, ... WHERE tableoid = $n+1::oid AND ctid =
+/// $n+2::tid`.
 pub(crate) fn update_by_ctid(table: &str, set: &[&str]) -> String {
     let sets: Vec<String> = set
         .iter()
@@ -132,9 +134,10 @@ pub(crate) fn update_by_ctid(table: &str, set: &[&str]) -> String {
         .map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1))
         .collect();
     format!(
-        "UPDATE {table} SET {} WHERE ctid = ${}::tid",
+        "UPDATE {table} SET {} WHERE tableoid = ${}::oid AND ctid = ${}::tid",
         sets.join(", "),
-        set.len() + 1
+        set.len() + 1,
+        set.len() + 2
     )
 }
 
