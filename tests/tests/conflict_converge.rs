@@ -48,6 +48,25 @@ fn writer(dsn: String, table: String, seed: u64, node: usize) {
     }
 }
 
+/// Prints the rows that differ between nodes, with their last writers and
+/// the conflicts recorded for them.
+fn report_difference(mesh: &Mesh, table: &str) {
+    for n in &mesh.nodes {
+        eprintln!(
+            "--- node {} ---\n{}\n--- conflicts ---\n{}",
+            n.name(),
+            n.safe_psql(&format!(
+                "SELECT id, v, n, (pg_xact_commit_timestamp_origin(xmin)).* FROM {table} ORDER BY id"
+            )),
+            n.safe_psql(&format!(
+                "SELECT key, conflict_type, resolution, local_row ->> 'v', remote_row ->> 'v',
+                        local_commit_time, remote_commit_time
+                   FROM bdr.conflict_history WHERE relation = 'public.{table}' ORDER BY id"
+            ))
+        );
+    }
+}
+
 fn seeds() -> Vec<u64> {
     match std::env::var("BDR_CONFLICT_SEED") {
         Ok(s) => vec![s.parse().expect("BDR_CONFLICT_SEED is a number")],
@@ -88,12 +107,13 @@ fn three_writers_on_overlapping_keys_converge() {
         );
         let first = mesh.nodes[0].safe_psql(&query);
         for n in &mesh.nodes[1..] {
-            assert_eq!(
-                n.safe_psql(&query),
-                first,
-                "seed {seed}: node {} differs from node a; replay with BDR_CONFLICT_SEED={seed}",
-                n.name()
-            );
+            if n.safe_psql(&query) != first {
+                report_difference(&mesh, &table);
+                panic!(
+                    "seed {seed}: node {} differs from node a; replay with BDR_CONFLICT_SEED={seed}",
+                    n.name()
+                );
+            }
         }
         let conflicts: Vec<String> = mesh
             .nodes

@@ -161,7 +161,9 @@ pub(crate) async fn insert_conflict(
         Resolution::Error
     } else if settle_unique(client, rel, remote, resolver, &hits).await? {
         let all: Vec<usize> = (0..rel.columns.len()).collect();
-        let insert = sql::insert(&rel.table, &rel.names(all.into_iter()));
+        // Without ON CONFLICT: every row holding one of its keys is gone.
+        let insert = sql::insert(&rel.table, &rel.names(all.into_iter()))
+            .replace(" ON CONFLICT DO NOTHING", "");
         let refs: Vec<&Param<'_>> = params.iter().collect();
         client.execute(&insert, &as_sql(&refs)).await?;
         Resolution::ApplyRemote

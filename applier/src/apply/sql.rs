@@ -110,10 +110,16 @@ pub(crate) fn delete(table: &str, keys: &[&str]) -> String {
 /// and the node id of its origin (both NULL when unknown), and the origin
 /// id.
 pub(crate) fn lookup(table: &str, keys: &[&str]) -> String {
+    // The last writer is computed in the target list, not in a LATERAL
+    // function in FROM: when the row is locked after a concurrent update,
+    // PostgreSQL re-evaluates the target list on the new row version but
+    // reuses the FROM function's original output (ROW_MARK_COPY), which
+    // would pair the new row with the old writer.
+    let origin = "pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)";
     format!(
-        "SELECT t.tableoid::text || ':' || t.ctid::text, pg_catalog.to_jsonb(t)::text, x.timestamp, \
-                bdr.origin_node_id(x.roident), x.roident \
-           FROM {table} AS t, pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) AS x \
+        "SELECT t.tableoid::text || ':' || t.ctid::text, pg_catalog.to_jsonb(t)::text, \
+                ({origin}).timestamp, bdr.origin_node_id(({origin}).roident), ({origin}).roident \
+           FROM {table} AS t \
           WHERE {} FOR UPDATE OF t",
         key_condition("t", keys, 1)
     )
