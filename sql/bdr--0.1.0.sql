@@ -109,3 +109,144 @@ LEFT JOIN pg_stat_replication AS r ON r.pid = s.active_pid
 WHERE s.plugin = 'bdr';
 COMMENT ON VIEW bdr.node_slots IS
     'bdr slots: peer, retained WAL, lag in bytes and the walsender''s sent/write/flush/replay positions and lag times';
+
+-- Conflicts -------------------------------------------------------------
+--
+-- bdr-applier detects conflicts between a remote change and the local
+-- row, resolves them the same way on every node and records them here.
+-- docs/conflicts.md describes the semantics. Tables in schema bdr are
+-- never replicated: each node keeps its own history and settings.
+
+-- The kinds of conflict, named as in PostgreSQL 18 and Spock; the
+-- applier's enum mirrors this one (apply/conflict.rs).
+CREATE TYPE bdr.conflict_type AS ENUM (
+    'insert_exists',
+    'update_origin_differs',
+    'update_exists',
+    'update_missing',
+    'delete_origin_differs',
+    'delete_missing',
+    'multiple_unique_conflicts',
+    'apply_error'
+);
+
+-- How a table's conflicts are resolved (default last_update_wins).
+CREATE TYPE bdr.conflict_resolver AS ENUM (
+    'last_update_wins',
+    'first_update_wins',
+    'apply_remote',
+    'keep_local',
+    'error'
+);
+
+-- What was done: the remote change applied, the local row kept (remote
+-- change skipped), nothing to apply (the row is gone), or apply stopped.
+CREATE TYPE bdr.conflict_resolution AS ENUM (
+    'apply_remote',
+    'keep_local',
+    'skip',
+    'error'
+);
+
+CREATE TABLE bdr.table_conflict_resolvers (
+    relation_schema text NOT NULL,
+    relation_name   text NOT NULL,
+    resolver        bdr.conflict_resolver NOT NULL,
+    PRIMARY KEY (relation_schema, relation_name)
+);
+COMMENT ON TABLE bdr.table_conflict_resolvers IS
+    'per-table conflict resolver of this node (tables not listed use last_update_wins); set it alike on every node';
+
+CREATE FUNCTION bdr.set_conflict_resolver(relation regclass, resolver bdr.conflict_resolver)
+    RETURNS void
+    LANGUAGE sql VOLATILE STRICT
+    AS $$
+    INSERT INTO bdr.table_conflict_resolvers AS r
+    SELECT n.nspname, c.relname, resolver
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = relation
+    ON CONFLICT (relation_schema, relation_name)
+       DO UPDATE SET resolver = excluded.resolver
+    $$;
+COMMENT ON FUNCTION bdr.set_conflict_resolver(regclass, bdr.conflict_resolver) IS
+    'sets the conflict resolver of a table on this node; run it on every node';
+
+-- Node-local settings, read by bdr-applier when it needs them.
+--   conflict_history  on (default) | off: whether conflicts are written to
+--                     bdr.conflict_history (they are always logged)
+CREATE TABLE bdr.local_settings (
+    name  text PRIMARY KEY CHECK (name IN ('conflict_history')),
+    value text NOT NULL,
+    CHECK (name <> 'conflict_history' OR value IN ('on', 'off'))
+);
+COMMENT ON TABLE bdr.local_settings IS 'settings of this node for bdr-applier';
+
+CREATE FUNCTION bdr.set_conflict_history(enabled boolean)
+    RETURNS void
+    LANGUAGE sql VOLATILE STRICT
+    AS $$
+    INSERT INTO bdr.local_settings AS s
+    VALUES ('conflict_history', CASE WHEN enabled THEN 'on' ELSE 'off' END)
+    ON CONFLICT (name) DO UPDATE SET value = excluded.value
+    $$;
+COMMENT ON FUNCTION bdr.set_conflict_history(boolean) IS
+    'turns the writing of bdr.conflict_history on or off on this node';
+
+-- The node id of a replication origin: the peer named bdr_<16 hex> for
+-- the applier's origins, this node for 0 (local writes), NULL otherwise.
+CREATE FUNCTION bdr.origin_node_id(roident oid) RETURNS bigint
+    LANGUAGE sql STABLE STRICT
+    AS $$
+    SELECT CASE WHEN roident = 0 THEN bdr.local_node_id()
+           ELSE (SELECT ('x' || substr(o.roname, 5))::bit(64)::bigint
+                   FROM pg_catalog.pg_replication_origin o
+                  WHERE o.roident = origin_node_id.roident
+                    AND o.roname ~ '^bdr_[0-9a-f]{16}$')
+           END
+    $$;
+
+CREATE TABLE bdr.conflict_history (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    recorded_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    local_node_id       bigint NOT NULL,
+    -- The node where the remote change was first committed.
+    remote_node_id      bigint NOT NULL,
+    relation            text NOT NULL,
+    conflict_type       bdr.conflict_type NOT NULL,
+    resolution          bdr.conflict_resolution NOT NULL,
+    resolver            bdr.conflict_resolver,
+    -- The replica identity key of the remote change.
+    key                 jsonb,
+    -- The local row (NULL when missing) and the remote one (the new row of
+    -- an INSERT or UPDATE without unchanged TOAST values, the key of a
+    -- DELETE).
+    local_row           jsonb,
+    remote_row          jsonb,
+    -- The local row's last writer and its commit time (NULL when unknown,
+    -- e.g. a frozen row).
+    local_origin        bigint,
+    local_commit_time   timestamptz,
+    remote_commit_time  timestamptz NOT NULL,
+    -- The remote transaction: its commit LSN and xid on the sending node.
+    remote_commit_lsn   pg_lsn NOT NULL,
+    remote_xid          bigint NOT NULL,
+    detail              text
+);
+CREATE INDEX ON bdr.conflict_history (recorded_at);
+COMMENT ON TABLE bdr.conflict_history IS
+    'conflicts detected by bdr-applier on this node, with both rows and the resolution';
+
+CREATE VIEW bdr.conflict_stats AS
+SELECT h.remote_node_id,
+       n.node_name AS remote_node_name,
+       h.relation,
+       h.conflict_type,
+       h.resolution,
+       count(*) AS conflicts,
+       max(h.recorded_at) AS last_recorded_at
+  FROM bdr.conflict_history h
+  LEFT JOIN bdr.nodes n ON n.node_id = h.remote_node_id
+ GROUP BY h.remote_node_id, n.node_name, h.relation, h.conflict_type, h.resolution;
+COMMENT ON VIEW bdr.conflict_stats IS
+    'conflicts recorded on this node, counted per remote node, relation, type and resolution';

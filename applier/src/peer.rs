@@ -24,7 +24,7 @@ use bdr_protocol::{DatumFormats, DecodeError, Message, Messages, NodeId, Startup
 use tokio::sync::watch;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::apply::{Applied, Applier, ApplyError};
+use crate::apply::{Applied, Applier, ApplyError, Endpoints};
 use crate::catalog::{LocalNode, Peer};
 use crate::origin;
 use crate::stream::{
@@ -148,7 +148,12 @@ async fn session(
     let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let stream = repl.start_replication(&slot, start, &pairs).await?;
     info!(peer = %peer.name, lsn = %start, "streaming from peer");
-    let applier = Applier::new(client)
+    let ends = Endpoints {
+        local: local.node_id,
+        peer: peer_id,
+        peer_name: peer.name.clone(),
+    };
+    let applier = Applier::new(client, ends)
         .await
         .map_err(|source| SessionError::Apply {
             lsn: start,

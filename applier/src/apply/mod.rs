@@ -3,7 +3,8 @@
 //! ```text
 //!  BEGIN     -> BEGIN
 //!  RELATION  -> match to the local table, drop its old statements
-//!  INSERT/UPDATE/DELETE -> prepared statement, values bound as sent
+//!  INSERT/UPDATE/DELETE -> prepared statement, values bound as sent;
+//!               no row touched -> the conflict path (resolve.rs)
 //!  TRUNCATE  -> TRUNCATE of the local tables
 //!  MESSAGE   -> the message dispatcher
 //!  COMMIT    -> pg_replication_origin_xact_setup(end lsn, commit time);
@@ -18,21 +19,36 @@
 //! with the data, and the rows keep the remote commit time (conflict
 //! resolution compares the same values on every node).
 //!
+//! Conflicts are detected without an extra round trip: each change's
+//! statement only touches a row last written by the change's own origin
+//! (and, for UPDATE, whose new values hit no other row's unique key;
+//! INSERT uses `ON CONFLICT DO NOTHING`). When it touches none, the
+//! conflict path looks at the local row, resolves and records (see
+//! [`conflict`], `resolve`, `record` and `docs/conflicts.md`).
+//!
 //! One handler per message kind, dispatched from one `match`, like
 //! PostgreSQL's apply worker.
 
+mod conflict;
 mod param;
+mod record;
 mod relation;
+mod resolve;
 pub(crate) mod sql;
 
+use std::collections::HashMap;
+
 use bdr_protocol::{
-    Begin, Commit, Datum, Delete, Insert, LogicalMessage, Lsn, Message, RelId, Truncate, Update,
+    Begin, Commit, Datum, Delete, Insert, LogicalMessage, Lsn, Message, NodeId, RelId, Truncate,
+    Update,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
-use tracing::{debug, warn};
+use tracing::debug;
 
+use conflict::Version;
 use param::{Param, ParamError};
+use record::{ConflictRecord, RemoteTxn};
 use relation::{MappedRelation, RelationMap};
 
 /// Why a change could not be applied. Each names what is at fault; the
@@ -78,6 +94,11 @@ pub(crate) enum ApplyError {
     NestedBegin(u32),
     #[error("unexpected STARTUP message in the middle of the stream")]
     UnexpectedStartup,
+    #[error(
+        "conflict {} on relation {} and the table's conflict resolver is 'error': apply from this peer stops until an operator resolves it (change the local row, or the resolver with bdr.set_conflict_resolver); see bdr.conflict_history",
+        .0.kind, .0.relation
+    )]
+    ConflictStop(Box<ConflictRecord>),
     #[error("{}", crate::describe_db_error(.0))]
     Database(#[from] tokio_postgres::Error),
 }
@@ -93,17 +114,28 @@ impl ApplyError {
             | ApplyError::NoKey { relation }
             | ApplyError::ColumnCount { relation, .. }
             | ApplyError::Value { relation, .. } => Some(relation),
+            ApplyError::ConflictStop(record) => Some(&record.relation),
             _ => None,
         }
     }
 }
 
 /// The remote transaction being applied.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct OpenTxn {
     xid: u32,
     /// The remote commit time, recorded with the commit.
     commit_time: i64,
+    /// Who wrote it, as conflicts need it.
+    remote: RemoteTxn,
+}
+
+/// The nodes at both ends of a stream.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoints {
+    pub(crate) local: NodeId,
+    pub(crate) peer: NodeId,
+    pub(crate) peer_name: String,
 }
 
 /// Applies the stream of one peer through one local connection.
@@ -113,6 +145,10 @@ pub(crate) struct Applier {
     relations: RelationMap,
     txn: Option<OpenTxn>,
     xact_setup: Statement,
+    ends: Endpoints,
+    /// The local replication origin id of each origin node met so far:
+    /// rows written by that node's transactions carry it.
+    origin_ids: HashMap<NodeId, u32>,
 }
 
 /// What a message did to the apply position.
@@ -128,18 +164,46 @@ pub(crate) enum Applied {
 impl Applier {
     /// Wraps a connection already bound to the peer's replication origin
     /// (see [`crate::origin::bind_session`]).
-    pub(crate) async fn new(client: Client) -> Result<Self, ApplyError> {
+    pub(crate) async fn new(client: Client, ends: Endpoints) -> Result<Self, ApplyError> {
         let xact_setup = client
             .prepare(
                 "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)",
             )
             .await?;
+        let mut origin_ids = HashMap::new();
+        origin_ids.insert(ends.local, 0);
         Ok(Applier {
             client,
             relations: RelationMap::default(),
             txn: None,
             xact_setup,
+            ends,
+            origin_ids,
         })
+    }
+
+    /// The local replication origin id of rows written by `node`'s
+    /// transactions; one that no row can carry when this node has no
+    /// origin for it.
+    async fn origin_id(&mut self, node: NodeId) -> Result<u32, ApplyError> {
+        if let Some(id) = self.origin_ids.get(&node) {
+            return Ok(*id);
+        }
+        let row = self
+            .client
+            .query_opt(
+                "SELECT roident FROM pg_catalog.pg_replication_origin WHERE roname = $1",
+                &[&crate::origin::name_for(node)],
+            )
+            .await?;
+        match row {
+            Some(r) => {
+                let id: u32 = r.get(0);
+                self.origin_ids.insert(node, id);
+                Ok(id)
+            }
+            None => Ok(u32::MAX),
+        }
     }
 
     /// Forgets stream state: a new stream starts without relations and
@@ -162,8 +226,22 @@ impl Applier {
         self.txn.is_some()
     }
 
-    /// Applies one message.
+    /// Applies one message. A conflict that stops apply rolls the
+    /// transaction back and is recorded on its own.
     pub(crate) async fn handle(&mut self, msg: &Message<'_>) -> Result<Applied, ApplyError> {
+        match self.dispatch(msg).await {
+            Err(ApplyError::ConflictStop(record)) => {
+                if self.txn.take().is_some() {
+                    self.client.batch_execute("ROLLBACK").await?;
+                }
+                record.report(&self.client).await?;
+                Err(ApplyError::ConflictStop(record))
+            }
+            other => other,
+        }
+    }
+
+    async fn dispatch(&mut self, msg: &Message<'_>) -> Result<Applied, ApplyError> {
         match msg {
             Message::Begin(m) => self.handle_begin(m).await?,
             Message::Commit(m) => return self.handle_commit(m).await,
@@ -182,13 +260,26 @@ impl Applier {
     }
 
     async fn handle_begin(&mut self, m: &Begin) -> Result<(), ApplyError> {
-        if let Some(open) = self.txn {
+        if let Some(open) = &self.txn {
             return Err(ApplyError::NestedBegin(open.xid));
         }
+        let origin = m.origin.map_or(self.ends.peer, |o| o.node_id);
+        let roident = self.origin_id(origin).await?;
         self.client.batch_execute("BEGIN").await?;
         self.txn = Some(OpenTxn {
             xid: m.xid,
             commit_time: m.commit_time,
+            remote: RemoteTxn {
+                version: Version {
+                    commit_time: m.commit_time,
+                    node: origin,
+                },
+                roident,
+                commit_lsn: m.final_lsn,
+                xid: m.xid,
+                peer: self.ends.peer_name.clone(),
+                local_node: self.ends.local,
+            },
         });
         Ok(())
     }
@@ -199,7 +290,7 @@ impl Applier {
     /// the peer to stream from: the peer skips every transaction whose
     /// commit record starts before it, this one included.
     async fn handle_commit(&mut self, m: &Commit) -> Result<Applied, ApplyError> {
-        let Some(open) = self.txn else {
+        let Some(open) = &self.txn else {
             return Err(ApplyError::OutsideTransaction("COMMIT"));
         };
         // pg_lsn and timestamptz in binary are 8 big-endian bytes: the
@@ -215,24 +306,27 @@ impl Applier {
         Ok(Applied::Committed(m.end_lsn))
     }
 
-    fn require_txn(&self, what: &'static str) -> Result<(), ApplyError> {
-        match self.txn {
-            Some(_) => Ok(()),
+    /// The open remote transaction's writer, for conflicts.
+    fn require_txn(&self, what: &'static str) -> Result<RemoteTxn, ApplyError> {
+        match &self.txn {
+            Some(open) => Ok(open.remote.clone()),
             None => Err(ApplyError::OutsideTransaction(what)),
         }
     }
 
     async fn handle_insert(&mut self, m: &Insert<'_>) -> Result<(), ApplyError> {
-        self.require_txn("INSERT")?;
+        let remote = self.require_txn("INSERT")?;
         let rel = self.relations.get(m.rel_id)?;
         let params = bind_columns(rel, &m.new, |_| true)?;
         let stmt = rel.insert(&self.client).await?;
-        self.client.execute_raw(&stmt, params).await?;
+        if self.client.execute_raw(&stmt, params.iter()).await? == 0 {
+            resolve::insert_conflict(&self.client, rel, &remote, &params).await?;
+        }
         Ok(())
     }
 
     async fn handle_update(&mut self, m: &Update<'_>) -> Result<(), ApplyError> {
-        self.require_txn("UPDATE")?;
+        let remote = self.require_txn("UPDATE")?;
         let rel = self.relations.get(m.rel_id)?;
         if rel.key.is_empty() {
             return Err(ApplyError::NoKey {
@@ -240,32 +334,38 @@ impl Applier {
             });
         }
         let set: Vec<bool> = m.new.iter().map(|d| *d != Datum::UnchangedToast).collect();
-        let mut params = bind_columns(rel, &m.new, |i| set.get(i).copied().unwrap_or(false))?;
+        let new = bind_columns(rel, &m.new, |i| set.get(i).copied().unwrap_or(false))?;
         let old = m.old.as_ref().map_or(&m.new, |o| &o.tuple);
-        params.extend(bind_key(rel, old)?);
+        let key = bind_key(rel, old)?;
+        let origin = Param::four_bytes(remote.roident);
         let stmt = rel.update(&self.client, &set).await?;
-        let relation = rel.display.clone();
-        let n = self.client.execute_raw(&stmt, params).await?;
-        if n == 0 {
-            warn!(%relation, "update_missing: the row to update does not exist here");
+        let params: Vec<&Param<'_>> = new.iter().chain(&key).chain([&origin]).collect();
+        if self.client.execute_raw(&stmt, params).await? == 0 {
+            let set_cols: Vec<usize> = (0..set.len()).filter(|i| set[*i]).collect();
+            let values = resolve::UpdateValues {
+                set_cols: &set_cols,
+                new: &new,
+                key: &key,
+            };
+            resolve::update_conflict(&self.client, rel, &remote, &values).await?;
         }
         Ok(())
     }
 
     async fn handle_delete(&mut self, m: &Delete<'_>) -> Result<(), ApplyError> {
-        self.require_txn("DELETE")?;
+        let remote = self.require_txn("DELETE")?;
         let rel = self.relations.get(m.rel_id)?;
         if rel.key.is_empty() {
             return Err(ApplyError::NoKey {
                 relation: rel.display.clone(),
             });
         }
-        let params = bind_key(rel, &m.old.tuple)?;
+        let key = bind_key(rel, &m.old.tuple)?;
+        let origin = Param::four_bytes(remote.roident);
         let stmt = rel.delete(&self.client).await?;
-        let relation = rel.display.clone();
-        let n = self.client.execute_raw(&stmt, params).await?;
-        if n == 0 {
-            warn!(%relation, "delete_missing: the row to delete does not exist here");
+        let params: Vec<&Param<'_>> = key.iter().chain([&origin]).collect();
+        if self.client.execute_raw(&stmt, params).await? == 0 {
+            resolve::delete_conflict(&self.client, rel, &remote, &key).await?;
         }
         Ok(())
     }

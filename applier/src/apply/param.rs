@@ -21,7 +21,7 @@ const INT4OID: Oid = 23;
 const INT8OID: Oid = 20;
 
 /// One bound value.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Param<'a> {
     Null,
     Binary(&'a [u8]),
@@ -59,6 +59,13 @@ impl<'a> Param<'a> {
             bytes: value.to_be_bytes(),
             width: 8,
         }
+    }
+
+    /// A 4-byte binary value: an `oid`.
+    pub(crate) fn four_bytes(value: u32) -> Param<'static> {
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&value.to_be_bytes());
+        Param::Fixed { bytes, width: 4 }
     }
 
     /// The parameter for `datum` of a column whose remote type is

@@ -30,6 +30,32 @@ SELECT a.attname::text, a.atttypid::oid, tn.nspname::text, t.typname::text, a.at
  WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
  ORDER BY a.attnum";
 
+/// The local table's unique indexes that conflicts are looked up by:
+/// valid, immediate, on plain columns and without a predicate (others are
+/// left to the database's own checks), the primary key first. Key columns
+/// only (not INCLUDE columns).
+const LOCAL_UNIQUE: &str = "\
+SELECT ic.relname::text, array_agg(a.attname::text ORDER BY k.ord)
+  FROM pg_catalog.pg_index i
+  JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+  JOIN pg_catalog.pg_class c ON c.oid = i.indrelid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+ WHERE n.nspname = $1 AND c.relname = $2
+   AND i.indisunique AND i.indisvalid AND i.indimmediate
+   AND i.indpred IS NULL AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
+ GROUP BY ic.relname, i.indisprimary
+ ORDER BY i.indisprimary DESC, ic.relname";
+
+/// One local unique index, by the positions of its columns among the
+/// remote columns.
+#[derive(Debug)]
+pub(crate) struct UniqueIndex {
+    pub(crate) name: String,
+    pub(crate) columns: Vec<usize>,
+}
+
 /// One remote column, matched to a local one.
 #[derive(Debug)]
 pub(crate) struct MappedColumn {
@@ -37,6 +63,8 @@ pub(crate) struct MappedColumn {
     /// The column's type OID on the sending node (it tells the width of
     /// integers sent compactly).
     pub(crate) remote_type: Oid,
+    /// The local column's type, quoted and schema-qualified (for casts).
+    pub(crate) local_type: String,
 }
 
 /// A remote relation and the local table it is applied to.
@@ -44,12 +72,17 @@ pub(crate) struct MappedColumn {
 pub(crate) struct MappedRelation {
     /// `schema.name` as written in messages and logs.
     pub(crate) display: String,
+    /// The table's schema and name, unquoted.
+    pub(crate) schema: String,
+    pub(crate) name: String,
     /// The quoted, schema-qualified local table.
     pub(crate) table: String,
     /// In the remote column order, which is the order of tuple data.
     pub(crate) columns: Vec<MappedColumn>,
     /// Indexes into `columns` of the replica identity key.
     pub(crate) key: Vec<usize>,
+    /// The local unique indexes whose columns the remote rows carry.
+    pub(crate) unique: Vec<UniqueIndex>,
     insert: Option<Statement>,
     update_all: Option<Statement>,
     /// UPDATEs that leave unchanged TOAST columns out, by which columns
@@ -108,6 +141,7 @@ impl MappedRelation {
             columns.push(MappedColumn {
                 name: col.name.into(),
                 remote_type: col.type_oid,
+                local_type: sql::qualified(local_schema, local_type),
             });
         }
         let mut key: Vec<usize> = remote
@@ -120,11 +154,15 @@ impl MappedRelation {
         if key.is_empty() && remote.replica_identity == ReplicaIdentity::Full {
             key = (0..columns.len()).collect();
         }
+        let unique = unique_indexes(client, remote, &columns).await?;
         Ok(MappedRelation {
             display,
+            schema: remote.schema.into(),
+            name: remote.name.into(),
             table: sql::qualified(remote.schema, remote.name),
             columns,
             key,
+            unique,
             insert: None,
             update_all: None,
             update_partial: HashMap::new(),
@@ -132,7 +170,7 @@ impl MappedRelation {
         })
     }
 
-    fn names<'s>(&'s self, pick: impl Iterator<Item = usize> + 's) -> Vec<&'s str> {
+    pub(crate) fn names<'s>(&'s self, pick: impl Iterator<Item = usize> + 's) -> Vec<&'s str> {
         pick.map(|i| self.columns[i].name.as_str()).collect()
     }
 
@@ -162,11 +200,25 @@ impl MappedRelation {
         if let Some(s) = cached {
             return Ok(s.clone());
         }
-        let set_names = self.names((0..set.len()).filter(|i| set[*i]));
+        let set_cols: Vec<usize> = (0..set.len()).filter(|i| set[*i]).collect();
+        let set_names = self.names(set_cols.iter().copied());
+        // Each unique key whose columns are all set, by positions in the
+        // SET list.
+        let unique: Vec<Vec<usize>> = self
+            .unique
+            .iter()
+            .filter_map(|u| {
+                u.columns
+                    .iter()
+                    .map(|c| set_cols.iter().position(|s| s == c))
+                    .collect()
+            })
+            .collect();
         let sql = sql::update(
             &self.table,
             &set_names,
             &self.names(self.key.iter().copied()),
+            &unique,
         );
         let s = client.prepare(&sql).await?;
         if all {
@@ -186,6 +238,33 @@ impl MappedRelation {
         let s = client.prepare(&sql).await?;
         Ok(self.delete.insert(s).clone())
     }
+}
+
+/// The unique indexes of the local table for `remote`, by remote column
+/// positions; indexes on a column the remote rows lack are left out.
+async fn unique_indexes(
+    client: &Client,
+    remote: &Relation<'_>,
+    columns: &[MappedColumn],
+) -> Result<Vec<UniqueIndex>, ApplyError> {
+    let rows = client
+        .query(LOCAL_UNIQUE, &[&remote.schema, &remote.name])
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let names: Vec<String> = row.get(1);
+        let positions: Option<Vec<usize>> = names
+            .iter()
+            .map(|n| columns.iter().position(|c| &c.name == n))
+            .collect();
+        if let Some(columns) = positions {
+            out.push(UniqueIndex {
+                name: row.get(0),
+                columns,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The relations of one stream, by stream-local id.

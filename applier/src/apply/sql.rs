@@ -22,45 +22,144 @@ pub(crate) fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
-/// `INSERT INTO table (c1, c2) VALUES ($1, $2)`.
+/// `INSERT INTO table (c1, c2) VALUES ($1, $2) ON CONFLICT DO NOTHING`:
+/// a row that hits any unique key is not inserted, and the count of 0
+/// sends the change down the conflict path.
 pub(crate) fn insert(table: &str, columns: &[&str]) -> String {
     let names: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let params: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
     format!(
-        "INSERT INTO {table} ({}) VALUES ({})",
+        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
         names.join(", "),
         params.join(", ")
     )
 }
 
-/// `c1 = $k AND c2 = $k+1 ...`, numbering from `first`.
-fn key_condition(keys: &[&str], first: usize) -> String {
+/// The condition that the row `alias` was last written by the origin
+/// `$param` (a replication origin id), or by an unknown writer: a frozen
+/// row, or one written earlier in the current transaction. Those apply
+/// without a conflict, as in PostgreSQL 18.
+fn same_origin(alias: &str, param: usize) -> String {
+    format!(
+        "coalesce((pg_catalog.pg_xact_commit_timestamp_origin({alias}.xmin)).roident, ${param}::oid) = ${param}::oid"
+    )
+}
+
+/// `alias.c1 = $k AND alias.c2 = $k+1 ...`, numbering from `first`.
+fn key_condition(alias: &str, keys: &[&str], first: usize) -> String {
     let conds: Vec<String> = keys
         .iter()
         .enumerate()
-        .map(|(i, k)| format!("{} = ${}", quote_ident(k), first + i))
+        .map(|(i, k)| format!("{alias}.{} = ${}", quote_ident(k), first + i))
         .collect();
     conds.join(" AND ")
 }
 
-/// `UPDATE table SET s1 = $1, ... WHERE k1 = $n+1 AND ...`: the new values
-/// first, then the key values that find the row.
-pub(crate) fn update(table: &str, set: &[&str], keys: &[&str]) -> String {
+/// The UPDATE of the no-conflict path:
+///
+/// ```sql
+/// UPDATE table AS t SET s1 = $1, ... WHERE t.k1 = $n+1 AND ...
+///    AND <t last written by origin $m>
+///    AND NOT EXISTS (SELECT 1 FROM table AS u WHERE u.c = $i AND u.ctid <> t.ctid)
+/// ```
+///
+/// The new values come first, then the key values that find the row, then
+/// the expected origin id. Each entry of `unique` lists the positions in
+/// `set` of one unique key's columns: the row is not updated when its new
+/// values would hit another row's key. An updated count of 0 sends the
+/// change down the conflict path, with no extra round trip otherwise.
+pub(crate) fn update(table: &str, set: &[&str], keys: &[&str], unique: &[Vec<usize>]) -> String {
+    let sets: Vec<String> = set
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1))
+        .collect();
+    let origin_param = set.len() + keys.len() + 1;
+    let mut sql = format!(
+        "UPDATE {table} AS t SET {} WHERE {} AND {}",
+        sets.join(", "),
+        key_condition("t", keys, set.len() + 1),
+        same_origin("t", origin_param)
+    );
+    for cols in unique {
+        let conds: Vec<String> = cols
+            .iter()
+            .map(|&i| format!("u.{} = ${}", quote_ident(set[i]), i + 1))
+            .collect();
+        sql.push_str(&format!(
+            " AND NOT EXISTS (SELECT 1 FROM {table} AS u WHERE {} AND u.ctid <> t.ctid)",
+            conds.join(" AND ")
+        ));
+    }
+    sql
+}
+
+/// The DELETE of the no-conflict path: `DELETE FROM table AS t WHERE
+/// t.k1 = $1 AND ... AND <t last written by origin $n+1>`.
+pub(crate) fn delete(table: &str, keys: &[&str]) -> String {
+    format!(
+        "DELETE FROM {table} AS t WHERE {} AND {}",
+        key_condition("t", keys, 1),
+        same_origin("t", keys.len() + 1)
+    )
+}
+
+/// The local row found by `keys` (the replica identity or a unique key),
+/// locked, with its last writer: its address (`tableoid:ctid`, the
+/// table oid telling partitions apart), the row as json, its commit time
+/// and the node id of its origin (both NULL when unknown), and the origin
+/// id.
+pub(crate) fn lookup(table: &str, keys: &[&str]) -> String {
+    // The last writer is computed in the target list, not in a LATERAL
+    // function in FROM: when the row is locked after a concurrent update,
+    // PostgreSQL re-evaluates the target list on the new row version but
+    // reuses the FROM function's original output (ROW_MARK_COPY), which
+    // would pair the new row with the old writer.
+    let origin = "pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)";
+    format!(
+        "SELECT t.tableoid::text || ':' || t.ctid::text, pg_catalog.to_jsonb(t)::text, \
+                ({origin}).timestamp, bdr.origin_node_id(({origin}).roident), ({origin}).roident \
+           FROM {table} AS t \
+          WHERE {} FOR UPDATE OF t",
+        key_condition("t", keys, 1)
+    )
+}
+
+/// `DELETE FROM table WHERE tableoid = $1::oid AND ctid = $2::tid`, for
+/// a row locked by [`lookup`] in the same transaction.
+pub(crate) fn delete_by_ctid(table: &str) -> String {
+    format!("DELETE FROM {table} WHERE tableoid = $1::oid AND ctid = $2::tid")
+}
+
+/// `UPDATE table SET s1 = $1, ... WHERE tableoid = $n+1::oid AND ctid =
+/// $n+2::tid`.
+pub(crate) fn update_by_ctid(table: &str, set: &[&str]) -> String {
     let sets: Vec<String> = set
         .iter()
         .enumerate()
         .map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1))
         .collect();
     format!(
-        "UPDATE {table} SET {} WHERE {}",
+        "UPDATE {table} SET {} WHERE tableoid = ${}::oid AND ctid = ${}::tid",
         sets.join(", "),
-        key_condition(keys, set.len() + 1)
+        set.len() + 1,
+        set.len() + 2
     )
 }
 
-/// `DELETE FROM table WHERE k1 = $1 AND ...`.
-pub(crate) fn delete(table: &str, keys: &[&str]) -> String {
-    format!("DELETE FROM {table} WHERE {}", key_condition(keys, 1))
+/// Bound values rendered as a json object, for the conflict history only:
+/// `SELECT to_jsonb(r)::text FROM (SELECT $1::type1 AS c1, ...) AS r`.
+/// `columns` are (name, quoted type) pairs, numbered from `first`.
+pub(crate) fn values_as_json(columns: &[(&str, &str)], first: usize) -> String {
+    let cols: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (name, ty))| format!("${}::{ty} AS {}", first + i, quote_ident(name)))
+        .collect();
+    format!(
+        "(SELECT pg_catalog.to_jsonb(r)::text FROM (SELECT {}) AS r)",
+        cols.join(", ")
+    )
 }
 
 /// `TRUNCATE t1, t2 [RESTART IDENTITY] [CASCADE]`.
@@ -91,15 +190,29 @@ mod tests {
         let t = qualified("public", "t");
         assert_eq!(
             insert(&t, &["id", "v"]),
-            "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ($1, $2)"
+            "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ($1, $2) ON CONFLICT DO NOTHING"
         );
         assert_eq!(
-            update(&t, &["id", "v"], &["id"]),
-            "UPDATE \"public\".\"t\" SET \"id\" = $1, \"v\" = $2 WHERE \"id\" = $3"
+            update(&t, &["id", "v"], &["id"], &[vec![0]]),
+            "UPDATE \"public\".\"t\" AS t SET \"id\" = $1, \"v\" = $2 WHERE t.\"id\" = $3 \
+             AND coalesce((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident, $4::oid) = $4::oid \
+             AND NOT EXISTS (SELECT 1 FROM \"public\".\"t\" AS u WHERE u.\"id\" = $1 AND u.ctid <> t.ctid)"
         );
         assert_eq!(
             delete(&t, &["a", "b"]),
-            "DELETE FROM \"public\".\"t\" WHERE \"a\" = $1 AND \"b\" = $2"
+            "DELETE FROM \"public\".\"t\" AS t WHERE t.\"a\" = $1 AND t.\"b\" = $2 \
+             AND coalesce((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident, $3::oid) = $3::oid"
+        );
+        assert_eq!(
+            values_as_json(
+                &[
+                    ("id", "\"pg_catalog\".\"int4\""),
+                    ("v", "\"pg_catalog\".\"text\"")
+                ],
+                3
+            ),
+            "(SELECT pg_catalog.to_jsonb(r)::text FROM (SELECT $3::\"pg_catalog\".\"int4\" AS \"id\", \
+             $4::\"pg_catalog\".\"text\" AS \"v\") AS r)"
         );
         assert_eq!(
             truncate(&[t.clone(), qualified("s", "u")], true, true),

@@ -1,0 +1,71 @@
+//! Apply throughput with no conflicts: how fast a node catches up on a
+//! backlog of single-row changes from a peer. Ignored by default (it is a
+//! measurement, not a check); run it with
+//!
+//! ```sh
+//! cargo build --release -p bdr-applier
+//! BDR_APPLIER_BIN=target/release/bdr-applier \
+//!     cargo test --release -p bdr-tests --test conflict_cost -- --ignored --nocapture
+//! ```
+//!
+//! and again with `BDR_APPLIER_BIN` pointing at another build to compare.
+
+use std::time::Instant;
+
+use bdr_tests::Mesh;
+
+const ROWS: i64 = 100_000;
+
+/// Writes `sql` on a while b's applier is stopped, then times b's
+/// catch-up; returns rows per second.
+fn catch_up(mesh: &mut Mesh, sql: &str) -> f64 {
+    mesh.applier("b").stop();
+    mesh.node("a").safe_psql(sql);
+    let start = Instant::now();
+    mesh.applier("b").restart();
+    mesh.wait_for_catchup_from("a");
+    ROWS as f64 / start.elapsed().as_secs_f64()
+}
+
+#[test]
+#[ignore]
+fn apply_throughput_without_conflicts() {
+    let mut mesh = Mesh::new(
+        &["a", "b"],
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text, n bigint)",
+    );
+    // 100,000 single-row transactions of each kind.
+    let inserts = catch_up(
+        &mut mesh,
+        &format!(
+            "DO $$ BEGIN FOR i IN 1..{ROWS} LOOP
+                 INSERT INTO t VALUES (i, md5(i::text), i); COMMIT;
+             END LOOP; END $$"
+        ),
+    );
+    let updates = catch_up(
+        &mut mesh,
+        &format!(
+            "DO $$ BEGIN FOR i IN 1..{ROWS} LOOP
+                 UPDATE t SET n = n + 1 WHERE id = i; COMMIT;
+             END LOOP; END $$"
+        ),
+    );
+    let deletes = catch_up(
+        &mut mesh,
+        &format!(
+            "DO $$ BEGIN FOR i IN 1..{ROWS} LOOP
+                 DELETE FROM t WHERE id = i; COMMIT;
+             END LOOP; END $$"
+        ),
+    );
+    assert_eq!(mesh.assert_same("SELECT count(*) FROM t"), "0");
+    assert_eq!(
+        mesh.node("b")
+            .safe_psql("SELECT count(*) FROM bdr.conflict_history"),
+        "0"
+    );
+    eprintln!(
+        "apply rows/s (single-row transactions): insert {inserts:.0}, update {updates:.0}, delete {deletes:.0}"
+    );
+}
