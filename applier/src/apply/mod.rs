@@ -218,7 +218,7 @@ impl Applier {
 
     /// The remote xid of the transaction being applied.
     pub(crate) fn current_xid(&self) -> Option<u32> {
-        self.txn.map(|t| t.xid)
+        self.txn.as_ref().map(|t| t.xid)
     }
 
     /// Whether a remote transaction is being applied.
