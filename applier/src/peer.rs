@@ -133,6 +133,12 @@ async fn session(
     config.application_name(&local.name);
     let mut repl = ReplicationClient::connect_config(&config).await?;
     let peer_id = peer_node_id(&mut repl).await?;
+    if peer_id == local.node_id {
+        return Err(SessionError::Handshake(format!(
+            "the connection string of peer {} leads to this node itself",
+            peer.name
+        )));
+    }
     crate::catalog::record_peer_id(&client, &peer.name, peer_id).await?;
     let start = origin::bind_session(&client, peer_id).await?;
     let slot = origin::name_for(local.node_id);

@@ -199,6 +199,12 @@ fn status_and_cli_errors_name_what_is_wrong() {
         err.contains("node z") && err.contains("connection string"),
         "{err}"
     );
+
+    // A peer whose connection string leads back to the node itself is
+    // refused at the handshake, not streamed from.
+    let own = mesh.node("a").connstr();
+    applier_command(mesh.node("a"), &["add-peer", "itself", &own]);
+    mesh.appliers[0].wait_for_log("the connection string of peer itself leads to this node itself");
 }
 
 #[test]
