@@ -14,10 +14,21 @@ use std::time::{Duration, Instant};
 
 use crate::node::Node;
 
-/// The path of a freshly built `bdr-applier`.
+/// The path of a freshly built `bdr-applier`, or of the binary named by
+/// `BDR_APPLIER_BIN` (used as is, not built: the benchmarks point it at a
+/// release build).
 pub fn applier_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("BDR_APPLIER_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.exists(),
+                "BDR_APPLIER_BIN={} does not exist",
+                bin.display()
+            );
+            return bin;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let status = Command::new(cargo)
