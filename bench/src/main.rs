@@ -133,6 +133,7 @@ fn main() -> anyhow::Result<()> {
     let installed = check_installed_plugin();
     crate::note(&format!("sizes {sizes:?}, {} run(s)", cli.runs));
     let mut report = Report::default();
+    let mut consistent = serde_json::Map::new();
     let wants = |w: &str| cli.only.iter().any(|o| o == w);
 
     if wants("catchup") || wants("live") {
@@ -152,6 +153,10 @@ fn main() -> anyhow::Result<()> {
                 live::run(&mut pairs, &sizes, &mut report)?;
             }
         }
+        for pair in &mut pairs {
+            let same = pair.verify()?;
+            consistent.insert(format!("{:?}", pair.kind).to_lowercase(), same.into());
+        }
     }
     if wants("decode") {
         crate::note("decoding");
@@ -160,6 +165,9 @@ fn main() -> anyhow::Result<()> {
 
     let table = report.table();
     println!("{table}");
+    if consistent.values().any(|v| v == false) {
+        println!("WARNING: a receiver does not match its origin: {consistent:?}");
+    }
     let result = json!({
         "date": run_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -171,6 +179,7 @@ fn main() -> anyhow::Result<()> {
         "applier_profile": if cfg!(debug_assertions) { "debug" } else { "release" },
         "installed_plugin_matches_build": installed,
         "seconds_total": started.elapsed().as_secs_f64(),
+        "receiver_matches_origin": consistent,
         "figures": report.figures_json(),
         "table": table,
     });

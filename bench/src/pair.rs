@@ -385,6 +385,30 @@ impl Pair {
         })
     }
 
+    /// Whether the receiver holds the same rows as the origin once it has
+    /// caught up (a system that dropped changes would look fast).
+    pub fn verify(&mut self) -> anyhow::Result<bool> {
+        self.resume_if_paused()?;
+        let m = self.write_marker();
+        self.wait_for_marker(m, crate::wait_limit())?;
+        let sql = "SELECT (SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts)
+                || ' ' || (SELECT count(*) || '/' || coalesce(sum(delta), 0) FROM pgbench_history)
+                || ' ' || (SELECT count(*) || '/' || coalesce(sum(a), 0) FROM bench_bulk)
+                || ' ' || (SELECT count(*) FROM bench_marker)";
+        let (o, r) = (self.origin.safe_psql(sql), self.receiver.safe_psql(sql));
+        if o != r {
+            eprintln!("bdr-bench: {:?}: origin has {o}, receiver {r}", self.kind);
+        }
+        Ok(o == r)
+    }
+
+    fn resume_if_paused(&mut self) -> anyhow::Result<()> {
+        if self.paused {
+            self.resume()?;
+        }
+        Ok(())
+    }
+
     /// The receiver's applied position in the origin's WAL (its
     /// replication origin's progress, committed with the applied rows in
     /// all three systems).

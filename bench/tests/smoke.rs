@@ -24,6 +24,11 @@ fn quick_run_produces_every_figure() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json file"))
             .expect("valid JSON");
+    let matches = json["receiver_matches_origin"]
+        .as_object()
+        .expect("consistency");
+    assert_eq!(matches.len(), 3, "{matches:?}");
+    assert!(matches.values().all(|v| v == true), "{matches:?}");
     let figures = json["figures"].as_array().expect("figures");
     let expected = [
         ("catchup_tps", 4),
