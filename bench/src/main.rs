@@ -130,7 +130,9 @@ fn main() -> anyhow::Result<()> {
     let sizes = Sizes::from_cli(&cli);
     let started = Instant::now();
     let applier = use_applier_build()?;
-    let installed = check_installed_plugin();
+    // Other checkouts on the machine may install their bdr.so meanwhile;
+    // servers started later (the decoding one) would load theirs.
+    let installed_at_start = check_installed_plugin();
     crate::note(&format!("sizes {sizes:?}, {} run(s)", cli.runs));
     let mut report = Report::default();
     let mut consistent = serde_json::Map::new();
@@ -177,7 +179,10 @@ fn main() -> anyhow::Result<()> {
         "sizes": format!("{sizes:?}"),
         "applier_binary": applier.display().to_string(),
         "applier_profile": if cfg!(debug_assertions) { "debug" } else { "release" },
-        "installed_plugin_matches_build": installed,
+        "installed_plugin_matches_build": {
+            "at_start": installed_at_start,
+            "at_end": check_installed_plugin(),
+        },
         "seconds_total": started.elapsed().as_secs_f64(),
         "receiver_matches_origin": consistent,
         "figures": report.figures_json(),
