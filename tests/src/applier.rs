@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use crate::node::Node;
 
-/// The path of a freshly built `bdr-applier`, or of the one named by
-/// `BDR_APPLIER_BIN` (to measure another build).
+/// The path of a freshly built `bdr-applier`, or of the binary named by
+/// `BDR_APPLIER_BIN` (used as is, not built: the benchmarks point it at a
+/// release build).
 pub fn applier_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {

@@ -1,0 +1,159 @@
+//! PostgreSQL client programs and process accounting.
+//!
+//! `pgbench` is the writer of every workload that needs many small
+//! transactions; CPU time comes from `/proc/<pid>/stat` (utime + stime, in
+//! clock ticks), which counts every thread of a process.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+use anyhow::{Context, bail};
+use bdr_tests::Node;
+
+/// PostgreSQL 15's program directory (`PG_CONFIG` overrides the default
+/// `pg_config`).
+fn bindir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let pg_config = std::env::var("PG_CONFIG")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+        let out = Command::new(&pg_config)
+            .arg("--bindir")
+            .output()
+            .unwrap_or_else(|e| panic!("running {pg_config}: {e}; run scripts/setup.sh"));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+/// The directory of PostgreSQL's loadable libraries.
+pub fn pkglibdir() -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let out = Command::new(&pg_config)
+        .arg("--pkglibdir")
+        .output()
+        .expect("running pg_config");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn pgbench_command(node: &Node, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bindir().join("pgbench"));
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &node.port().to_string(),
+        "-U",
+        "postgres",
+    ])
+    .args(args)
+    .arg("postgres");
+    cmd
+}
+
+/// Runs pgbench to completion and returns its standard output.
+pub fn pgbench(node: &Node, args: &[&str]) -> anyhow::Result<String> {
+    let out = pgbench_command(node, args)
+        .output()
+        .context("running pgbench")?;
+    if !out.status.success() {
+        bail!(
+            "pgbench {args:?} on {} failed:\n{}{}",
+            node.name(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts pgbench in the background (output captured).
+pub fn spawn_pgbench(node: &Node, args: &[&str]) -> anyhow::Result<Child> {
+    pgbench_command(node, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting pgbench")
+}
+
+/// What a pgbench run reports.
+#[derive(Debug, Clone, Copy)]
+pub struct PgbenchResult {
+    /// Transactions processed.
+    pub transactions: u64,
+    /// Transactions per second, without the initial connection time.
+    pub tps: f64,
+}
+
+/// Parses pgbench's summary.
+pub fn parse_pgbench(out: &str) -> anyhow::Result<PgbenchResult> {
+    let transactions = out
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|rest| rest.split(['/', ' ']).next())
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("no transaction count in pgbench output:\n{out}"))?;
+    let tps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no tps in pgbench output:\n{out}"))?;
+    Ok(PgbenchResult { transactions, tps })
+}
+
+/// CPU time (user + system) of a process so far, in seconds; 0 for a
+/// process that is gone.
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name start with the state
+    // (field 3); utime and stime are fields 14 and 15.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| rest.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// The summed CPU seconds of `pids`.
+pub fn cpu_of(pids: &[i32]) -> f64 {
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pgbench_summary() {
+        let out = "transaction type: <builtin: simple update>\n\
+                   number of transactions actually processed: 4000/4000\n\
+                   tps = 8123.456789 (without initial connection time)\n";
+        let r = parse_pgbench(out).unwrap();
+        assert_eq!(r.transactions, 4000);
+        assert!((r.tps - 8123.456789).abs() < 1e-6);
+        let timed = "number of transactions actually processed: 51234\n\
+                     tps = 5123.4 (without initial connection time)\n";
+        assert_eq!(parse_pgbench(timed).unwrap().transactions, 51234);
+    }
+
+    #[test]
+    fn own_cpu_time_is_readable() {
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_add(i * i);
+        }
+        assert!(x > 0);
+        assert!(cpu_seconds(std::process::id() as i32) >= 0.0);
+        assert_eq!(cpu_seconds(-1), 0.0);
+    }
+}
