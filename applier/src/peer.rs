@@ -157,7 +157,7 @@ async fn session(
     let ends = Endpoints {
         local: local.node_id,
         peer: peer_id,
-        peer_name: peer.name.clone(),
+        peer_name: peer.name.as_str().into(),
     };
     let applier = Applier::new(client, ends)
         .await

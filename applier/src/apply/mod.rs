@@ -135,7 +135,7 @@ struct OpenTxn {
 pub(crate) struct Endpoints {
     pub(crate) local: NodeId,
     pub(crate) peer: NodeId,
-    pub(crate) peer_name: String,
+    pub(crate) peer_name: std::sync::Arc<str>,
 }
 
 /// Applies the stream of one peer through one local connection.

@@ -81,7 +81,8 @@ pub(crate) struct RemoteTxn {
     /// The commit LSN on the sending node.
     pub(crate) commit_lsn: u64,
     pub(crate) xid: u32,
-    pub(crate) peer: String,
+    /// The sending peer's name; shared, since every change clones this.
+    pub(crate) peer: std::sync::Arc<str>,
     pub(crate) local_node: NodeId,
 }
 
