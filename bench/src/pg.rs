@@ -6,35 +6,13 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 
 use anyhow::{Context, bail};
-use bdr_tests::Node;
-
-/// PostgreSQL 15's program directory (`PG_CONFIG` overrides the default
-/// `pg_config`).
-fn bindir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let pg_config = std::env::var("PG_CONFIG")
-            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
-        let out = Command::new(&pg_config)
-            .arg("--bindir")
-            .output()
-            .unwrap_or_else(|e| panic!("running {pg_config}: {e}; run scripts/setup.sh"));
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
-}
+use bdr_tests::{Node, bindir};
 
 /// The directory of PostgreSQL's loadable libraries.
 pub fn pkglibdir() -> PathBuf {
-    let pg_config = std::env::var("PG_CONFIG")
-        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
-    let out = Command::new(&pg_config)
-        .arg("--pkglibdir")
-        .output()
-        .expect("running pg_config");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    bdr_tests::pg_config("pkglibdir")
 }
 
 fn pgbench_command(node: &Node, args: &[&str]) -> Command {

@@ -22,4 +22,4 @@ mod user;
 
 pub use applier::{ApplierProcess, applier_binary, applier_command, applier_command_output};
 pub use mesh::Mesh;
-pub use node::{Node, timeout};
+pub use node::{Node, bindir, pg_config, timeout};

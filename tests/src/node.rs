@@ -39,19 +39,23 @@ pub fn timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Directory of PostgreSQL 15's server programs (`PG_CONFIG` overrides).
-fn bindir() -> &'static Path {
+/// `pg_config --<what>` of PostgreSQL 15 (`PG_CONFIG` names another
+/// pg_config).
+pub fn pg_config(what: &str) -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let out = Command::new(&pg_config)
+        .arg(format!("--{what}"))
+        .output()
+        .unwrap_or_else(|e| panic!("running {pg_config}: {e}; run scripts/setup.sh"));
+    assert!(out.status.success(), "{pg_config} --{what} failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Directory of PostgreSQL 15's programs.
+pub fn bindir() -> &'static Path {
     static BINDIR: OnceLock<PathBuf> = OnceLock::new();
-    BINDIR.get_or_init(|| {
-        let pg_config = std::env::var("PG_CONFIG")
-            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
-        let out = Command::new(&pg_config)
-            .arg("--bindir")
-            .output()
-            .unwrap_or_else(|e| panic!("running {pg_config}: {e}; run scripts/setup.sh"));
-        assert!(out.status.success(), "{pg_config} --bindir failed");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
+    BINDIR.get_or_init(|| pg_config("bindir"))
 }
 
 /// Whether this server build knows `output_plugin_libraries` (a setting
