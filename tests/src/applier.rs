@@ -6,6 +6,7 @@
 //! not exit), and a failing test prints the tail of its log.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
@@ -122,7 +123,20 @@ impl ApplierProcess {
             .append(true)
             .open(&self.log)
             .expect("opening the applier log");
-        let child = Command::new(applier_binary())
+        let mut command = Command::new(applier_binary());
+        // SAFETY: the hook only calls prctl, which is async-signal-safe. It
+        // makes the daemon die with the test thread that started it, also
+        // when the test process is killed before it can drop this handle.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = command
             .args(["--node-name", &self.node_name, "--dsn", &self.dsn, "run"])
             .env(
                 "RUST_LOG",
