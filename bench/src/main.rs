@@ -129,7 +129,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let sizes = Sizes::from_cli(&cli);
     let started = Instant::now();
-    let applier = use_applier_build()?;
+    let applier = bdr_tests::applier_binary();
     // Other checkouts on the machine may install their bdr.so meanwhile;
     // servers started later (the decoding one) would load theirs.
     let installed_at_start = check_installed_plugin();
@@ -213,51 +213,6 @@ fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
         }
     }
     out
-}
-
-/// Points the harness at a `bdr-applier` built with the same profile as
-/// this binary (release for real figures), unless `BDR_APPLIER_BIN`
-/// already names one.
-fn use_applier_build() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("BDR_APPLIER_BIN") {
-        return Ok(bin.into());
-    }
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .ancestors()
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n == "release" || n == "debug")
-        })
-        .context("bdr-bench does not run from target/<profile>")?
-        .to_path_buf();
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "bdr-applier",
-        "--bin",
-        "bdr-applier",
-    ])
-    .arg("--manifest-path")
-    .arg(&manifest);
-    if profile_dir.ends_with("release") {
-        cmd.arg("--release");
-    }
-    cmd.env(
-        "CARGO_TARGET_DIR",
-        profile_dir.parent().context("target dir")?,
-    );
-    let status = cmd.status().context("building bdr-applier")?;
-    anyhow::ensure!(status.success(), "building bdr-applier failed");
-    let bin = profile_dir.join("bdr-applier");
-    // SAFETY: single-threaded here; nothing reads the environment
-    // concurrently.
-    unsafe { std::env::set_var("BDR_APPLIER_BIN", &bin) };
-    Ok(bin)
 }
 
 /// Whether the installed bdr.so is the one in target/release (warns if

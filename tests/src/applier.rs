@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use crate::node::Node;
 
-/// The path of a freshly built `bdr-applier`, or of the binary named by
-/// `BDR_APPLIER_BIN` (used as is, not built: the benchmarks point it at a
-/// release build).
+/// The path of a `bdr-applier` freshly built with the profile of the
+/// running executable (a test, an example or the benchmark; release builds
+/// get a release daemon), or of the binary named by `BDR_APPLIER_BIN`
+/// (used as is, not built).
 pub fn applier_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -30,9 +31,21 @@ pub fn applier_binary() -> &'static Path {
             );
             return bin;
         }
+        // target/<profile>/{deps,examples}/<exe> or target/<profile>/<exe>
+        let exe = std::env::current_exe().expect("path of the running executable");
+        let profile_dir = exe
+            .ancestors()
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n == "release" || n == "debug")
+            })
+            .expect("the running executable is not under target/<profile>")
+            .to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let status = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        build
             .args([
                 "build",
                 "--quiet",
@@ -40,18 +53,15 @@ pub fn applier_binary() -> &'static Path {
                 "bdr-applier",
                 "--bin",
                 "bdr-applier",
-                "--manifest-path",
             ])
+            .arg("--manifest-path")
             .arg(&manifest)
-            .status()
-            .expect("running cargo build for bdr-applier");
+            .env("CARGO_TARGET_DIR", target_dir);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build for bdr-applier");
         assert!(status.success(), "building bdr-applier failed");
-        // target/<profile>/deps/<test binary> -> target/<profile>/bdr-applier
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
         let bin = profile_dir.join("bdr-applier");
         assert!(bin.exists(), "{} was not built", bin.display());
         bin
