@@ -15,6 +15,8 @@ pub struct LocalNode {
     pub pg_version_num: u32,
     /// How to connect to the local database.
     pub config: Config,
+    /// Whether each transaction's statements are pipelined.
+    pub apply_pipeline: bool,
 }
 
 /// A peer to stream from.
@@ -71,6 +73,7 @@ pub async fn local_node(
         node_id,
         pg_version_num: row.get::<_, i32>(1) as u32,
         config,
+        apply_pipeline: true,
     })
 }
 

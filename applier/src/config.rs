@@ -5,6 +5,7 @@
 //! # bdr-applier.toml
 //! node_name = "a"
 //! dsn = "host=127.0.0.1 port=5501 dbname=postgres user=postgres"
+//! # apply_pipeline = false   # one statement at a time (default true)
 //! ```
 
 use std::path::Path;
@@ -20,6 +21,8 @@ pub struct FileSettings {
     pub node_name: Option<String>,
     /// How to connect to the local database.
     pub dsn: Option<String>,
+    /// Whether changes are pipelined (default true).
+    pub apply_pipeline: Option<bool>,
 }
 
 /// Resolved settings.
@@ -28,6 +31,9 @@ pub struct Settings {
     pub node_name: String,
     pub dsn: String,
     pub local: Config,
+    /// Send a transaction's statements without waiting for each one (see
+    /// the applier's `apply` module); off applies one statement at a time.
+    pub apply_pipeline: bool,
 }
 
 /// Errors in the settings, naming where the bad value came from.
@@ -76,6 +82,7 @@ impl Settings {
         file: FileSettings,
         node_name: Option<String>,
         dsn: Option<String>,
+        apply_pipeline: Option<bool>,
     ) -> Result<Self, SettingsError> {
         let node_name = node_name
             .or(file.node_name)
@@ -91,6 +98,7 @@ impl Settings {
             node_name,
             dsn,
             local,
+            apply_pipeline: apply_pipeline.or(file.apply_pipeline).unwrap_or(true),
         })
     }
 }
@@ -103,15 +111,21 @@ mod tests {
     fn flags_win_over_the_file() {
         let file: FileSettings =
             toml::from_str("node_name = \"a\"\ndsn = \"host=h1\"").expect("toml");
-        let s = Settings::resolve(file, Some("b".into()), None).expect("settings");
+        let s = Settings::resolve(file, Some("b".into()), None, None).expect("settings");
         assert_eq!(s.node_name, "b");
         assert_eq!(s.dsn, "host=h1");
+        assert!(s.apply_pipeline);
+        let file: FileSettings =
+            toml::from_str("node_name = \"a\"\ndsn = \"host=h1\"\napply_pipeline = false")
+                .expect("toml");
+        let s = Settings::resolve(file, None, None, None).expect("settings");
+        assert!(!s.apply_pipeline);
     }
 
     #[test]
     fn missing_and_unknown_settings_are_named() {
-        let err =
-            Settings::resolve(FileSettings::default(), None, Some("host=h".into())).unwrap_err();
+        let err = Settings::resolve(FileSettings::default(), None, Some("host=h".into()), None)
+            .unwrap_err();
         assert!(err.to_string().contains("--node-name"), "{err}");
         let err = toml::from_str::<FileSettings>("nodename = \"a\"").unwrap_err();
         assert!(err.to_string().contains("nodename"), "{err}");
@@ -119,6 +133,7 @@ mod tests {
             FileSettings::default(),
             Some("a".into()),
             Some("port=x".into()),
+            None,
         )
         .unwrap_err();
         assert!(err.to_string().contains("port=x"), "{err}");

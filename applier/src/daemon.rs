@@ -26,10 +26,16 @@ struct Running {
 /// final position.
 pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let mut watcher = Watcher::connect(&settings).await?;
-    let local = Arc::new(
-        catalog::local_node(&watcher.client, &settings.node_name, settings.local.clone()).await?,
+    let mut local =
+        catalog::local_node(&watcher.client, &settings.node_name, settings.local.clone()).await?;
+    local.apply_pipeline = settings.apply_pipeline;
+    let local = Arc::new(local);
+    info!(
+        node = %local.name,
+        node_id = format!("{:016x}", local.node_id),
+        pipeline = local.apply_pipeline,
+        "applier started"
     );
-    info!(node = %local.name, node_id = format!("{:016x}", local.node_id), "applier started");
     let mut running: HashMap<String, Running> = HashMap::new();
     loop {
         if watcher.lost() {

@@ -25,6 +25,11 @@ struct Cli {
     /// Connection string of the local database (libpq keyword=value or URI).
     #[arg(long, global = true, env = "BDR_DSN")]
     dsn: Option<String>,
+    /// Pipeline each remote transaction's statements (on, the default) or
+    /// apply one statement at a time (off).
+    #[arg(long, global = true, env = "BDR_APPLY_PIPELINE", value_name = "on|off",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    apply_pipeline: Option<bool>,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         Some(path) => FileSettings::read(path)?,
         None => FileSettings::default(),
     };
-    let settings = Settings::resolve(file, cli.node_name, cli.dsn)?;
+    let settings = Settings::resolve(file, cli.node_name, cli.dsn, cli.apply_pipeline)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -21,10 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bdr_protocol::{DatumFormats, DecodeError, Message, Messages, NodeId, StartupOptions};
+use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::apply::{Applied, Applier, ApplyError, Endpoints};
+use crate::apply::{Applier, ApplyError, Endpoints};
 use crate::catalog::{LocalNode, Peer};
 use crate::origin;
 use crate::stream::{
@@ -159,7 +160,7 @@ async fn session(
         peer: peer_id,
         peer_name: peer.name.as_str().into(),
     };
-    let applier = Applier::new(client, ends)
+    let applier = Applier::new(client, ends, local.apply_pipeline)
         .await
         .map_err(|source| SessionError::Apply {
             lsn: start,
@@ -207,7 +208,10 @@ impl Session {
                         self.handle_frame(wal_start, &data).await?;
                     }
                     Some(ReplicationEvent::Keepalive { wal_end, reply_requested, .. }) => {
-                        if !self.applier.in_transaction() && wal_end > self.flushed {
+                        if !self.applier.in_transaction()
+                            && !self.applier.busy()
+                            && wal_end > self.flushed
+                        {
                             self.flushed = wal_end;
                         }
                         if reply_requested {
@@ -216,6 +220,16 @@ impl Session {
                     }
                     None => return Err(SessionError::Ended),
                 },
+                // Replies to pipelined statements, above all the last
+                // COMMIT's once the stream goes quiet.
+                settled = self.applier.settle(), if self.applier.busy() => {
+                    settled.map_err(|source| SessionError::Apply {
+                        lsn: self.flushed,
+                        xid: None,
+                        source,
+                    })?;
+                    self.note_confirmed().await?;
+                }
                 _ = tick.tick() => {
                     // Also while a long transaction is being applied and the
                     // position does not move: the peer's walsender gives up
@@ -233,8 +247,13 @@ impl Session {
         }
     }
 
-    async fn handle_frame(&mut self, lsn: Lsn, frame: &[u8]) -> Result<(), SessionError> {
-        for msg in Messages::new(frame) {
+    async fn handle_frame(&mut self, lsn: Lsn, frame: &Bytes) -> Result<(), SessionError> {
+        let mut messages = Messages::new(frame);
+        loop {
+            let start = messages.offset();
+            let Some(msg) = messages.next() else {
+                break;
+            };
             let msg = msg.map_err(|source| SessionError::Decode { lsn, source })?;
             if let Message::Startup(s) = &msg
                 && !self.started
@@ -248,20 +267,28 @@ impl Session {
                 self.started = true;
                 continue;
             }
-            match self.applier.handle(&msg).await {
-                Ok(Applied::Committed(end)) => {
-                    crate::fault::after_commit();
-                    self.flushed = Lsn(end).max(self.flushed);
-                    if self.last_status.elapsed() >= STATUS_AFTER_COMMIT {
-                        self.send_status(false).await?;
-                    }
-                }
-                Ok(Applied::Pending) => {}
-                Err(source) => {
-                    let xid = self.applier.current_xid();
-                    return Err(SessionError::Apply { lsn, xid, source });
-                }
+            let raw = frame.slice(start..messages.offset());
+            if let Err(source) = self.applier.handle(frame, raw, &msg).await {
+                let xid = self.applier.current_xid();
+                return Err(SessionError::Apply { lsn, xid, source });
             }
+            self.note_confirmed().await?;
+        }
+        Ok(())
+    }
+
+    /// Takes in the commits the local server confirmed: the peer may
+    /// forget what they applied.
+    async fn note_confirmed(&mut self) -> Result<(), SessionError> {
+        let Some((end, commits)) = self.applier.take_confirmed() else {
+            return Ok(());
+        };
+        for _ in 0..commits {
+            crate::fault::after_commit();
+        }
+        self.flushed = Lsn(end).max(self.flushed);
+        if self.last_status.elapsed() >= STATUS_AFTER_COMMIT {
+            self.send_status(false).await?;
         }
         Ok(())
     }
@@ -281,6 +308,9 @@ impl Session {
     async fn finish(mut self, result: Result<(), SessionError>) -> Result<(), SessionError> {
         if let Err(e) = self.applier.reset().await {
             warn!(error = %e, "rolling back the open transaction failed");
+        }
+        if let Some((end, _)) = self.applier.take_confirmed() {
+            self.flushed = Lsn(end).max(self.flushed);
         }
         if result.is_ok() {
             self.send_status(false).await?;

@@ -26,28 +26,45 @@
 //! conflict path looks at the local row, resolves and records (see
 //! [`conflict`], `resolve`, `record` and `docs/conflicts.md`).
 //!
+//! Pipelined (the default): a transaction's statements are sent without
+//! waiting for each other, and their results are checked before its
+//! COMMIT goes out; the COMMIT itself is confirmed while the next
+//! transaction is already being sent. When a change touched no row or
+//! failed, everything since the restart point (the BEGIN, or a savepoint
+//! for a large transaction) is rolled back and the same messages are
+//! applied again one statement at a time, where the conflict path sees
+//! each change's result before the next change runs. The outcome is the
+//! one of applying one statement at a time; only the round trips are
+//! fewer (see [`pipeline`]). Consecutive INSERTs into one table go out as
+//! multi-row INSERTs (up to [`RUN_ROWS`] rows); one whose count falls
+//! short is a conflict like any other and is applied again row by row.
+//!
 //! One handler per message kind, dispatched from one `match`, like
 //! PostgreSQL's apply worker.
 
 mod conflict;
 mod param;
+mod pipeline;
 mod record;
 mod relation;
 mod resolve;
 pub(crate) mod sql;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bdr_protocol::{
-    Begin, Commit, Datum, Delete, Insert, LogicalMessage, Lsn, Message, NodeId, RelId, Truncate,
-    Update,
+    Begin, Commit, Datum, DecodeError, Delete, Insert, LogicalMessage, Lsn, Message, Messages,
+    NodeId, RelId, Truncate, Update,
 };
+use bytes::Bytes;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use tracing::debug;
 
 use conflict::Version;
 use param::{Param, ParamError};
+use pipeline::{Expect, Pipeline, Reply};
 use record::{ConflictRecord, RemoteTxn};
 use relation::{MappedRelation, RelationMap};
 
@@ -99,6 +116,13 @@ pub(crate) enum ApplyError {
         .0.kind, .0.relation
     )]
     ConflictStop(Box<ConflictRecord>),
+    #[error(
+        "committing a remote transaction failed, so it is applied again from the last committed one: {}",
+        crate::describe_db_error(.0)
+    )]
+    CommitFailed(tokio_postgres::Error),
+    #[error("a kept message no longer decodes: {0}")]
+    Replay(#[from] DecodeError),
     #[error("{}", crate::describe_db_error(.0))]
     Database(#[from] tokio_postgres::Error),
 }
@@ -141,7 +165,12 @@ pub(crate) struct Endpoints {
 /// Applies the stream of one peer through one local connection.
 #[derive(Debug)]
 pub(crate) struct Applier {
-    client: Client,
+    client: Arc<Client>,
+    /// Whether statements are pipelined.
+    pipelined: bool,
+    pipe: Pipeline,
+    /// Pipelined INSERTs waiting to go out as one statement.
+    run: Option<InsertRun>,
     relations: RelationMap,
     txn: Option<OpenTxn>,
     xact_setup: Statement,
@@ -151,20 +180,32 @@ pub(crate) struct Applier {
     origin_ids: HashMap<NodeId, u32>,
 }
 
-/// What a message did to the apply position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Applied {
-    /// Nothing committed.
-    Pending,
-    /// A remote transaction committed locally; the peer's stream up to
-    /// this LSN is durably applied.
-    Committed(Lsn),
+/// The restart point inside a large transaction.
+const SAVEPOINT: &str = "bdr_restart";
+
+/// The most rows one multi-row INSERT carries (a power of two).
+const RUN_ROWS: usize = 64;
+
+/// The most parameters a statement may have (the protocol counts them in
+/// 16 bits).
+const MAX_PARAMS: usize = 65_535;
+
+/// Consecutive INSERTs into one relation, not sent yet.
+#[derive(Debug)]
+struct InsertRun {
+    rel_id: RelId,
+    rows: usize,
+    params: Vec<Param<'static>>,
 }
 
 impl Applier {
     /// Wraps a connection already bound to the peer's replication origin
     /// (see [`crate::origin::bind_session`]).
-    pub(crate) async fn new(client: Client, ends: Endpoints) -> Result<Self, ApplyError> {
+    pub(crate) async fn new(
+        client: Client,
+        ends: Endpoints,
+        pipelined: bool,
+    ) -> Result<Self, ApplyError> {
         let xact_setup = client
             .prepare(
                 "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)",
@@ -173,7 +214,10 @@ impl Applier {
         let mut origin_ids = HashMap::new();
         origin_ids.insert(ends.local, 0);
         Ok(Applier {
-            client,
+            client: Arc::new(client),
+            pipelined,
+            pipe: Pipeline::default(),
+            run: None,
             relations: RelationMap::default(),
             txn: None,
             xact_setup,
@@ -207,13 +251,35 @@ impl Applier {
     }
 
     /// Forgets stream state: a new stream starts without relations and
-    /// outside any transaction. An open local transaction is rolled back.
+    /// outside any transaction. Statements in flight are awaited (a
+    /// COMMIT among them may still be confirmed, see [`Self::take_confirmed`])
+    /// and an open local transaction is rolled back.
     pub(crate) async fn reset(&mut self) -> Result<(), ApplyError> {
         self.relations.clear();
+        self.run = None;
+        let drained = self.pipe.drain().await;
+        self.pipe.clear();
         if self.txn.take().is_some() {
             self.client.batch_execute("ROLLBACK").await?;
         }
-        Ok(())
+        drained
+    }
+
+    /// The latest end LSN up to which the stream is durably applied, if
+    /// a COMMIT was confirmed since the last call, and how many were.
+    pub(crate) fn take_confirmed(&mut self) -> Option<(Lsn, u64)> {
+        self.pipe.take_confirmed()
+    }
+
+    /// Whether statements are in flight.
+    pub(crate) fn busy(&self) -> bool {
+        self.pipe.busy()
+    }
+
+    /// Awaits the oldest statement in flight (cancel safe). An error is
+    /// a COMMIT that failed.
+    pub(crate) async fn settle(&mut self) -> Result<(), ApplyError> {
+        self.pipe.settle_one().await
     }
 
     /// The remote xid of the transaction being applied.
@@ -226,11 +292,25 @@ impl Applier {
         self.txn.is_some()
     }
 
-    /// Applies one message. A conflict that stops apply rolls the
-    /// transaction back and is recorded on its own.
-    pub(crate) async fn handle(&mut self, msg: &Message<'_>) -> Result<Applied, ApplyError> {
-        match self.dispatch(msg).await {
+    /// Applies one message; `raw` is its bytes, a slice of `frame`. A
+    /// conflict that stops apply rolls the transaction back and is
+    /// recorded on its own.
+    pub(crate) async fn handle(
+        &mut self,
+        frame: &Bytes,
+        raw: Bytes,
+        msg: &Message<'_>,
+    ) -> Result<(), ApplyError> {
+        let result = if self.pipelined {
+            self.dispatch_pipelined(frame, raw, msg).await
+        } else {
+            self.dispatch(msg).await
+        };
+        match result {
             Err(ApplyError::ConflictStop(record)) => {
+                self.run = None;
+                self.pipe.drain().await?;
+                self.pipe.clear();
                 if self.txn.take().is_some() {
                     self.client.batch_execute("ROLLBACK").await?;
                 }
@@ -241,10 +321,239 @@ impl Applier {
         }
     }
 
-    async fn dispatch(&mut self, msg: &Message<'_>) -> Result<Applied, ApplyError> {
+    /// Pipelined apply of one message (see the module documentation).
+    async fn dispatch_pipelined(
+        &mut self,
+        frame: &Bytes,
+        raw: Bytes,
+        msg: &Message<'_>,
+    ) -> Result<(), ApplyError> {
+        if self.txn.is_none() {
+            if let Message::Begin(m) = msg {
+                self.open_txn(m).await?;
+                self.pipe.begin(raw);
+                let reply = self.simple("BEGIN");
+                return self.pipe.push(reply, Expect::Done);
+            }
+            // Outside a transaction (nothing our plugin sends): one at a
+            // time.
+            self.pipe.drain().await?;
+            return self.dispatch(msg).await;
+        }
+        self.pipe.keep(raw);
+        // Anything but another INSERT sends the INSERTs held back.
+        let flushed = match msg {
+            Message::Insert(_) => Ok(()),
+            _ => self.flush_inserts().await,
+        };
+        let result = match (flushed, msg) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Message::Commit(m)) => return self.pipelined_commit(m).await,
+            (Ok(()), Message::Insert(m)) => self.pipelined_insert(frame, m).await,
+            (Ok(()), Message::Update(m)) => self.pipelined_update(frame, m).await,
+            (Ok(()), Message::Delete(m)) => self.pipelined_delete(frame, m).await,
+            (Ok(()), Message::Truncate(m)) => self.pipelined_truncate(m),
+            (Ok(()), Message::Logical(m)) => {
+                self.handle_message(m);
+                Ok(())
+            }
+            (Ok(()), Message::Relation(_) | Message::Begin(_) | Message::Startup(_)) => {
+                // Needs answers from the server (or is an error): after
+                // everything in flight is checked.
+                self.pipe.drain().await?;
+                if self.pipe.failed().is_some() {
+                    return self.replay().await;
+                }
+                self.dispatch(msg).await
+            }
+        };
+        match result {
+            Err(e @ ApplyError::CommitFailed(_)) => return Err(e),
+            // Anything else is applied again one statement at a time,
+            // where a real error comes back with its context.
+            Err(e) => self.pipe.fail(|| e.to_string()),
+            Ok(()) => {}
+        }
+        if self.pipe.failed().is_some() {
+            return self.replay().await;
+        }
+        if self.pipe.chunk_full() {
+            if let Err(e) = self.flush_inserts().await {
+                self.pipe.fail(|| e.to_string());
+            }
+            self.pipe.drain().await?;
+            if self.pipe.failed().is_some() {
+                return self.replay().await;
+            }
+            self.new_restart_point().await?;
+        } else if self.pipe.full() {
+            self.pipe.make_room().await?;
+        }
+        Ok(())
+    }
+
+    /// A simple-protocol statement as a pipelined reply.
+    fn simple(&self, sql: &'static str) -> Reply {
+        let client = self.client.clone();
+        Box::pin(async move { client.batch_execute(sql).await.map(|()| 0) })
+    }
+
+    /// A prepared statement as a pipelined reply.
+    fn execute(&self, stmt: Statement, params: Vec<Param<'static>>) -> Reply {
+        execute(&self.client, stmt, params)
+    }
+
+    /// Everything so far is checked: a savepoint becomes the restart
+    /// point, and the messages kept so far are dropped.
+    async fn new_restart_point(&mut self) -> Result<(), ApplyError> {
+        let sql = if self.pipe.at_savepoint() {
+            "RELEASE SAVEPOINT bdr_restart; SAVEPOINT bdr_restart"
+        } else {
+            "SAVEPOINT bdr_restart"
+        };
+        debug_assert!(sql.ends_with(SAVEPOINT));
+        self.client.batch_execute(sql).await?;
+        self.pipe.savepoint();
+        Ok(())
+    }
+
+    /// Rolls back to the restart point and applies the messages kept
+    /// since then one statement at a time.
+    async fn replay(&mut self) -> Result<(), ApplyError> {
+        // Its rows are among the kept messages.
+        self.run = None;
+        self.pipe.drain().await?;
+        let why = self.pipe.failed().unwrap_or_default().to_owned();
+        let (kept, at_savepoint) = self.pipe.take_kept();
+        debug!(
+            why,
+            messages = kept.len(),
+            "applying again one statement at a time"
+        );
+        if at_savepoint {
+            self.client
+                .batch_execute("ROLLBACK TO SAVEPOINT bdr_restart")
+                .await?;
+        } else {
+            self.client.batch_execute("ROLLBACK").await?;
+            self.txn = None;
+        }
+        for raw in &kept {
+            if let Some(msg) = Messages::new(raw).next() {
+                self.dispatch(&msg?).await?;
+            }
+        }
+        if self.txn.is_some() {
+            self.new_restart_point().await?;
+        }
+        Ok(())
+    }
+
+    /// Checks what is in flight, then sends the commit: the origin's
+    /// progress and COMMIT, confirmed later (see [`Self::take_confirmed`]).
+    async fn pipelined_commit(&mut self, m: &Commit) -> Result<(), ApplyError> {
+        self.pipe.drain().await?;
+        if self.pipe.failed().is_some() {
+            return self.replay().await;
+        }
+        let Some(open) = self.txn.take() else {
+            return Err(ApplyError::OutsideTransaction("COMMIT"));
+        };
+        let params = vec![
+            Param::eight_bytes(m.end_lsn),
+            Param::eight_bytes(open.commit_time as u64),
+        ];
+        let setup = self.execute(self.xact_setup.clone(), params);
+        // Both must succeed: a failed setup aborts the transaction, and
+        // COMMIT then rolls it back without an error.
+        self.pipe.push(setup, Expect::Must)?;
+        let commit = self.simple("COMMIT");
+        self.pipe.push(commit, Expect::Commit(m.end_lsn))?;
+        self.pipe.clear();
+        Ok(())
+    }
+
+    /// Adds the row to the run of INSERTs into its relation; a full run
+    /// goes out.
+    async fn pipelined_insert(&mut self, frame: &Bytes, m: &Insert<'_>) -> Result<(), ApplyError> {
+        self.require_txn("INSERT")?;
+        if self.run.as_ref().is_some_and(|r| r.rel_id != m.rel_id) {
+            self.flush_inserts().await?;
+        }
+        let rel = self.relations.get(m.rel_id)?;
+        let row = bind_columns(rel, &m.new, |_| true)?;
+        let most = run_rows(rel.columns.len());
+        let run = self.run.get_or_insert_with(|| InsertRun {
+            rel_id: m.rel_id,
+            rows: 0,
+            params: Vec::with_capacity(row.len() * most),
+        });
+        run.params.extend(row.iter().map(|p| p.to_shared(frame)));
+        run.rows += 1;
+        if run.rows >= most {
+            self.flush_inserts().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the INSERTs held back: as few statements as the binary
+    /// digits of their number (64 + 8 + 1 rows, ...), so that a handful of
+    /// prepared statements per relation serve every run.
+    async fn flush_inserts(&mut self) -> Result<(), ApplyError> {
+        let Some(run) = self.run.take() else {
+            return Ok(());
+        };
+        let rel = self.relations.get(run.rel_id)?;
+        let width = rel.columns.len();
+        let mut params = run.params.into_iter();
+        let mut left = run.rows;
+        while left > 0 {
+            let rows = 1 << left.ilog2();
+            let stmt = rel.insert_rows(&self.client, rows).await?;
+            let batch: Vec<Param<'static>> = params.by_ref().take(rows * width).collect();
+            self.pipe.push(
+                execute(&self.client, stmt, batch),
+                Expect::Rows(rows as u64),
+            )?;
+            left -= rows;
+        }
+        Ok(())
+    }
+
+    async fn pipelined_update(&mut self, frame: &Bytes, m: &Update<'_>) -> Result<(), ApplyError> {
+        let remote = self.require_txn("UPDATE")?;
+        let rel = self.relations.get(m.rel_id)?;
+        let (set, new, key) = update_values(rel, m)?;
+        let origin = Param::four_bytes(remote.roident);
+        let params = shared(new.iter().chain(&key).chain([&origin]), frame);
+        let stmt = rel.update(&self.client, &set).await?;
+        let reply = self.execute(stmt, params);
+        self.pipe.push(reply, Expect::Rows(1))
+    }
+
+    async fn pipelined_delete(&mut self, frame: &Bytes, m: &Delete<'_>) -> Result<(), ApplyError> {
+        let remote = self.require_txn("DELETE")?;
+        let rel = self.relations.get(m.rel_id)?;
+        let key = delete_key(rel, m)?;
+        let origin = Param::four_bytes(remote.roident);
+        let params = shared(key.iter().chain([&origin]), frame);
+        let stmt = rel.delete(&self.client).await?;
+        let reply = self.execute(stmt, params);
+        self.pipe.push(reply, Expect::Rows(1))
+    }
+
+    fn pipelined_truncate(&mut self, m: &Truncate) -> Result<(), ApplyError> {
+        self.require_txn("TRUNCATE")?;
+        let sql = self.truncate_sql(m)?;
+        let client = self.client.clone();
+        let reply: Reply = Box::pin(async move { client.batch_execute(&sql).await.map(|()| 0) });
+        self.pipe.push(reply, Expect::Done)
+    }
+
+    async fn dispatch(&mut self, msg: &Message<'_>) -> Result<(), ApplyError> {
         match msg {
             Message::Begin(m) => self.handle_begin(m).await?,
-            Message::Commit(m) => return self.handle_commit(m).await,
+            Message::Commit(m) => self.handle_commit(m).await?,
             Message::Relation(m) => {
                 let mapped = MappedRelation::map(&self.client, m).await?;
                 self.relations.define(m.rel_id, mapped);
@@ -256,16 +565,25 @@ impl Applier {
             Message::Logical(m) => self.handle_message(m),
             Message::Startup(_) => return Err(ApplyError::UnexpectedStartup),
         }
-        Ok(Applied::Pending)
+        Ok(())
     }
 
     async fn handle_begin(&mut self, m: &Begin) -> Result<(), ApplyError> {
+        self.open_txn(m).await?;
+        if let Err(e) = self.client.batch_execute("BEGIN").await {
+            self.txn = None;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Starts applying remote transaction `m` (the caller sends BEGIN).
+    async fn open_txn(&mut self, m: &Begin) -> Result<(), ApplyError> {
         if let Some(open) = &self.txn {
             return Err(ApplyError::NestedBegin(open.xid));
         }
         let origin = m.origin.map_or(self.ends.peer, |o| o.node_id);
         let roident = self.origin_id(origin).await?;
-        self.client.batch_execute("BEGIN").await?;
         self.txn = Some(OpenTxn {
             xid: m.xid,
             commit_time: m.commit_time,
@@ -289,7 +607,7 @@ impl Applier {
     /// The end LSN (not the commit record's start) is what a restart asks
     /// the peer to stream from: the peer skips every transaction whose
     /// commit record starts before it, this one included.
-    async fn handle_commit(&mut self, m: &Commit) -> Result<Applied, ApplyError> {
+    async fn handle_commit(&mut self, m: &Commit) -> Result<(), ApplyError> {
         let Some(open) = &self.txn else {
             return Err(ApplyError::OutsideTransaction("COMMIT"));
         };
@@ -303,7 +621,8 @@ impl Applier {
         let commit = self.client.batch_execute("COMMIT");
         tokio::try_join!(setup, commit)?;
         self.txn = None;
-        Ok(Applied::Committed(m.end_lsn))
+        self.pipe.confirm(m.end_lsn);
+        Ok(())
     }
 
     /// The open remote transaction's writer, for conflicts.
@@ -328,15 +647,7 @@ impl Applier {
     async fn handle_update(&mut self, m: &Update<'_>) -> Result<(), ApplyError> {
         let remote = self.require_txn("UPDATE")?;
         let rel = self.relations.get(m.rel_id)?;
-        if rel.key.is_empty() {
-            return Err(ApplyError::NoKey {
-                relation: rel.display.clone(),
-            });
-        }
-        let set: Vec<bool> = m.new.iter().map(|d| *d != Datum::UnchangedToast).collect();
-        let new = bind_columns(rel, &m.new, |i| set.get(i).copied().unwrap_or(false))?;
-        let old = m.old.as_ref().map_or(&m.new, |o| &o.tuple);
-        let key = bind_key(rel, old)?;
+        let (set, new, key) = update_values(rel, m)?;
         let origin = Param::four_bytes(remote.roident);
         let stmt = rel.update(&self.client, &set).await?;
         let params: Vec<&Param<'_>> = new.iter().chain(&key).chain([&origin]).collect();
@@ -355,12 +666,7 @@ impl Applier {
     async fn handle_delete(&mut self, m: &Delete<'_>) -> Result<(), ApplyError> {
         let remote = self.require_txn("DELETE")?;
         let rel = self.relations.get(m.rel_id)?;
-        if rel.key.is_empty() {
-            return Err(ApplyError::NoKey {
-                relation: rel.display.clone(),
-            });
-        }
-        let key = bind_key(rel, &m.old.tuple)?;
+        let key = delete_key(rel, m)?;
         let origin = Param::four_bytes(remote.roident);
         let stmt = rel.delete(&self.client).await?;
         let params: Vec<&Param<'_>> = key.iter().chain([&origin]).collect();
@@ -372,13 +678,17 @@ impl Applier {
 
     async fn handle_truncate(&mut self, m: &Truncate) -> Result<(), ApplyError> {
         self.require_txn("TRUNCATE")?;
+        let stmt = self.truncate_sql(m)?;
+        self.client.batch_execute(&stmt).await?;
+        Ok(())
+    }
+
+    fn truncate_sql(&mut self, m: &Truncate) -> Result<String, ApplyError> {
         let mut tables = Vec::with_capacity(m.rel_ids.len());
         for id in &m.rel_ids {
             tables.push(self.relations.get(*id)?.table.clone());
         }
-        let stmt = sql::truncate(&tables, m.restart_identity, m.cascade);
-        self.client.batch_execute(&stmt).await?;
-        Ok(())
+        Ok(sql::truncate(&tables, m.restart_identity, m.cascade))
     }
 
     /// Logical decoding messages are for coordination (schema changes
@@ -391,6 +701,54 @@ impl Applier {
             "message"
         );
     }
+}
+
+/// Which columns an UPDATE sets (all but unchanged TOAST values), their
+/// new values, and the key values that find the row.
+type UpdateParams<'a> = (Vec<bool>, Vec<Param<'a>>, Vec<Param<'a>>);
+
+fn update_values<'a>(rel: &MappedRelation, m: &Update<'a>) -> Result<UpdateParams<'a>, ApplyError> {
+    require_key(rel)?;
+    let set: Vec<bool> = m.new.iter().map(|d| *d != Datum::UnchangedToast).collect();
+    let new = bind_columns(rel, &m.new, |i| set.get(i).copied().unwrap_or(false))?;
+    let old = m.old.as_ref().map_or(&m.new, |o| &o.tuple);
+    let key = bind_key(rel, old)?;
+    Ok((set, new, key))
+}
+
+/// The key values that find a DELETE's row.
+fn delete_key<'a>(rel: &MappedRelation, m: &Delete<'a>) -> Result<Vec<Param<'a>>, ApplyError> {
+    require_key(rel)?;
+    bind_key(rel, &m.old.tuple)
+}
+
+fn require_key(rel: &MappedRelation) -> Result<(), ApplyError> {
+    if rel.key.is_empty() {
+        return Err(ApplyError::NoKey {
+            relation: rel.display.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// A prepared statement as a pipelined reply.
+fn execute(client: &Arc<Client>, stmt: Statement, params: Vec<Param<'static>>) -> Reply {
+    let client = client.clone();
+    Box::pin(async move { client.execute_raw(&stmt, params).await })
+}
+
+/// The most rows of `width` columns one INSERT carries: a power of two.
+fn run_rows(width: usize) -> usize {
+    let most = (MAX_PARAMS / width.max(1)).clamp(1, RUN_ROWS);
+    1 << most.ilog2()
+}
+
+/// Parameters that share `frame` instead of borrowing it.
+fn shared<'p, 'a: 'p>(
+    params: impl IntoIterator<Item = &'p Param<'a>>,
+    frame: &Bytes,
+) -> Vec<Param<'static>> {
+    params.into_iter().map(|p| p.to_shared(frame)).collect()
 }
 
 fn check_width(rel: &MappedRelation, tuple: &[Datum<'_>]) -> Result<(), ApplyError> {
@@ -433,4 +791,25 @@ fn bind<'a>(rel: &MappedRelation, i: usize, d: &Datum<'a>) -> Result<Param<'a>, 
         column: col.name.clone(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_runs_are_powers_of_two_within_the_parameter_limit() {
+        assert_eq!(run_rows(0), RUN_ROWS);
+        assert_eq!(run_rows(3), RUN_ROWS);
+        assert_eq!(run_rows(1_500), 32);
+        assert_eq!(run_rows(1_664), 32);
+        assert_eq!(run_rows(40_000), 1);
+        for width in 1..=1_664 {
+            let rows = run_rows(width);
+            assert!(
+                rows.is_power_of_two() && rows * width <= MAX_PARAMS,
+                "{width}"
+            );
+        }
+    }
 }

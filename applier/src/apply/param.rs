@@ -11,7 +11,7 @@
 use std::error::Error;
 
 use bdr_protocol::{Datum, Oid};
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio_postgres::types::{Format, IsNull, ToSql, Type, to_sql_checked};
 
 /// Type OIDs of the integer types, whose values may travel as
@@ -36,6 +36,13 @@ pub(crate) enum Param<'a> {
     Padded {
         text: &'a str,
         spaces: u32,
+    },
+    /// A binary or text value that shares the received frame's buffer
+    /// (see [`Param::to_shared`]), so it can outlive the borrow.
+    Shared {
+        bytes: Bytes,
+        spaces: u32,
+        text: bool,
     },
 }
 
@@ -66,6 +73,51 @@ impl<'a> Param<'a> {
         let mut bytes = [0u8; 8];
         bytes[..4].copy_from_slice(&value.to_be_bytes());
         Param::Fixed { bytes, width: 4 }
+    }
+
+    /// The same value without the borrow: the bytes become a reference-
+    /// counted slice of `frame`, the buffer the value was decoded from
+    /// (no copy). A value that is not inside `frame` is copied.
+    pub(crate) fn to_shared(&self, frame: &Bytes) -> Param<'static> {
+        let share = |b: &[u8]| {
+            let range = frame.as_ptr_range();
+            if b.is_empty() || (range.start <= b.as_ptr() && b.as_ptr_range().end <= range.end) {
+                frame.slice_ref(b)
+            } else {
+                Bytes::copy_from_slice(b)
+            }
+        };
+        match self {
+            Param::Null => Param::Null,
+            Param::Fixed { bytes, width } => Param::Fixed {
+                bytes: *bytes,
+                width: *width,
+            },
+            Param::Binary(b) => Param::Shared {
+                bytes: share(b),
+                spaces: 0,
+                text: false,
+            },
+            Param::Text(t) => Param::Shared {
+                bytes: share(t.as_bytes()),
+                spaces: 0,
+                text: true,
+            },
+            Param::Padded { text, spaces } => Param::Shared {
+                bytes: share(text.as_bytes()),
+                spaces: *spaces,
+                text: true,
+            },
+            Param::Shared {
+                bytes,
+                spaces,
+                text,
+            } => Param::Shared {
+                bytes: bytes.clone(),
+                spaces: *spaces,
+                text: *text,
+            },
+        }
     }
 
     /// The parameter for `datum` of a column whose remote type is
@@ -120,6 +172,10 @@ impl ToSql for Param<'_> {
                 out.put_slice(text.as_bytes());
                 out.put_bytes(b' ', *spaces as usize);
             }
+            Param::Shared { bytes, spaces, .. } => {
+                out.put_slice(bytes);
+                out.put_bytes(b' ', *spaces as usize);
+            }
         }
         Ok(IsNull::No)
     }
@@ -133,8 +189,12 @@ impl ToSql for Param<'_> {
 
     fn encode_format(&self, _ty: &Type) -> Format {
         match self {
-            Param::Text(_) | Param::Padded { .. } => Format::Text,
-            Param::Null | Param::Binary(_) | Param::Fixed { .. } => Format::Binary,
+            Param::Text(_) | Param::Padded { .. } | Param::Shared { text: true, .. } => {
+                Format::Text
+            }
+            Param::Null | Param::Binary(_) | Param::Fixed { .. } | Param::Shared { .. } => {
+                Format::Binary
+            }
         }
     }
 
@@ -199,5 +259,31 @@ mod tests {
             Param::from_datum(&Datum::UnchangedToast, 25).unwrap_err(),
             ParamError::UnexpectedUnchangedToast
         );
+    }
+
+    #[test]
+    fn shared_values_encode_like_borrowed_ones_without_copying() {
+        let frame = Bytes::from_static(b"xxhello\x01\x02ab");
+        let params = [
+            Param::Text(std::str::from_utf8(&frame[2..7]).expect("utf8")),
+            Param::Binary(&frame[7..9]),
+            Param::Padded {
+                text: std::str::from_utf8(&frame[9..11]).expect("utf8"),
+                spaces: 2,
+            },
+            Param::Null,
+            Param::from_datum(&Datum::Int(7), INT4OID).expect("fits"),
+            Param::Text(""),
+            Param::Binary(b"elsewhere"),
+        ];
+        for p in &params {
+            let shared = p.to_shared(&frame);
+            assert_eq!(encoded(&shared), encoded(p), "{p:?}");
+            if let (Param::Binary(b), Param::Shared { bytes, .. }) = (p, &shared)
+                && frame.as_ptr_range().contains(&b.as_ptr())
+            {
+                assert_eq!(bytes.as_ptr(), b.as_ptr(), "shares the frame");
+            }
+        }
     }
 }

@@ -84,6 +84,8 @@ pub(crate) struct MappedRelation {
     /// The local unique indexes whose columns the remote rows carry.
     pub(crate) unique: Vec<UniqueIndex>,
     insert: Option<Statement>,
+    /// Multi-row INSERTs, by number of rows (powers of two).
+    insert_rows: HashMap<usize, Statement>,
     update_all: Option<Statement>,
     /// UPDATEs that leave unchanged TOAST columns out, by which columns
     /// are set.
@@ -164,6 +166,7 @@ impl MappedRelation {
             key,
             unique,
             insert: None,
+            insert_rows: HashMap::new(),
             update_all: None,
             update_partial: HashMap::new(),
             delete: None,
@@ -182,6 +185,24 @@ impl MappedRelation {
         let sql = sql::insert(&self.table, &self.names(0..self.columns.len()));
         let s = client.prepare(&sql).await?;
         Ok(self.insert.insert(s).clone())
+    }
+
+    /// The INSERT of `rows` rows at once, prepared on first use.
+    pub(crate) async fn insert_rows(
+        &mut self,
+        client: &Client,
+        rows: usize,
+    ) -> Result<Statement, ApplyError> {
+        if rows == 1 {
+            return self.insert(client).await;
+        }
+        if let Some(s) = self.insert_rows.get(&rows) {
+            return Ok(s.clone());
+        }
+        let sql = sql::insert_rows(&self.table, &self.names(0..self.columns.len()), rows);
+        let s = client.prepare(&sql).await?;
+        self.insert_rows.insert(rows, s.clone());
+        Ok(s)
     }
 
     /// The UPDATE that sets the columns flagged in `set` and finds the row

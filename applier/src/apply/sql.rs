@@ -26,12 +26,25 @@ pub(crate) fn qualified(schema: &str, name: &str) -> String {
 /// a row that hits any unique key is not inserted, and the count of 0
 /// sends the change down the conflict path.
 pub(crate) fn insert(table: &str, columns: &[&str]) -> String {
+    insert_rows(table, columns, 1)
+}
+
+/// The INSERT of `rows` rows at once: `VALUES ($1, $2), ($3, $4), ...`,
+/// the parameters row after row. A count below `rows` means some row hit
+/// a unique key: the rows are then applied again one by one.
+pub(crate) fn insert_rows(table: &str, columns: &[&str], rows: usize) -> String {
     let names: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-    let params: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+    let width = columns.len();
+    let tuples: Vec<String> = (0..rows)
+        .map(|r| {
+            let params: Vec<String> = (1..=width).map(|i| format!("${}", r * width + i)).collect();
+            format!("({})", params.join(", "))
+        })
+        .collect();
     format!(
-        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
+        "INSERT INTO {table} ({}) VALUES {} ON CONFLICT DO NOTHING",
         names.join(", "),
-        params.join(", ")
+        tuples.join(", ")
     )
 }
 
@@ -191,6 +204,11 @@ mod tests {
         assert_eq!(
             insert(&t, &["id", "v"]),
             "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        );
+        assert_eq!(
+            insert_rows(&t, &["id", "v"], 3),
+            "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ($1, $2), ($3, $4), ($5, $6) \
+             ON CONFLICT DO NOTHING"
         );
         assert_eq!(
             update(&t, &["id", "v"], &["id"], &[vec![0]]),
