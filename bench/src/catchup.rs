@@ -35,8 +35,10 @@ pub fn run(
 /// Pauses the pair and, for the built-in pair, selects text or binary.
 fn prepare(pair: &mut Pair, system: System) -> anyhow::Result<()> {
     pair.pause()?;
-    if pair.kind == Kind::Builtin {
-        pair.set_binary(system == System::BuiltinBinary);
+    match pair.kind {
+        Kind::Builtin => pair.set_binary(system == System::BuiltinBinary),
+        Kind::Bdr => pair.set_pipeline(system != System::BdrSerial),
+        Kind::Pglogical => {}
     }
     Ok(())
 }

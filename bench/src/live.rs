@@ -48,8 +48,10 @@ pub fn run(pairs: &mut [Pair], sizes: &Sizes, report: &mut Report) -> anyhow::Re
 /// until the receiver streams and has applied everything so far.
 fn select(pair: &mut Pair, system: System) -> anyhow::Result<()> {
     pair.pause()?;
-    if pair.kind == Kind::Builtin {
-        pair.set_binary(system == System::BuiltinBinary);
+    match pair.kind {
+        Kind::Builtin => pair.set_binary(system == System::BuiltinBinary),
+        Kind::Bdr => pair.set_pipeline(system != System::BdrSerial),
+        Kind::Pglogical => {}
     }
     pair.resume()?;
     let m = pair.write_marker();

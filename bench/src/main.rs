@@ -199,12 +199,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Which pair stands for which system: the built-in pair twice, with
-/// the subscription in text and in binary mode.
+/// the subscription in text and in binary mode; the bdr pair twice, with
+/// the applier pipelining and applying one statement at a time.
 fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
     let mut out = Vec::new();
     for (i, pair) in pairs.iter().enumerate() {
         match pair.kind {
-            Kind::Bdr => out.push((i, System::Bdr)),
+            Kind::Bdr => {
+                out.push((i, System::Bdr));
+                out.push((i, System::BdrSerial));
+            }
             Kind::Builtin => {
                 out.push((i, System::Builtin));
                 out.push((i, System::BuiltinBinary));

@@ -81,6 +81,8 @@ pub struct Pair {
     poll: postgres::Client,
     next_marker: i32,
     paused: bool,
+    /// bdr only: whether the applier pipelines (see `set_pipeline`).
+    pipeline: bool,
     pub origin: Node,
     pub receiver: Node,
 }
@@ -107,6 +109,33 @@ pub struct Catchup {
     pub cpu_receiver: f64,
     /// CPU seconds of the origin's walsender during `apply`.
     pub cpu_walsender: f64,
+}
+
+/// bdr only: rewrites the receiver's copy of the tables in a session of
+/// the replication origin that the applier uses for `origin`, so its rows
+/// look as if they had been replicated from there, as they would be after
+/// a node joins. Otherwise every first remote UPDATE of a row loaded
+/// locally by `pgbench -i` is an `update_origin_differs` conflict, and the
+/// benchmark would measure the conflict path instead of apply.
+fn mark_as_replicated(origin: &Node, receiver: &Node) {
+    let id = origin.safe_psql("SELECT lpad(to_hex(bdr.local_node_id()), 16, '0')");
+    let name = format!("bdr_{}", id.trim());
+    let mut sql = format!(
+        "SELECT pg_replication_origin_create('{name}');
+         SELECT pg_replication_origin_session_setup('{name}');
+         SET session_replication_role = replica;
+         BEGIN;"
+    );
+    for t in KEYED_TABLES.iter().chain([&HISTORY]) {
+        sql.push_str(&format!(
+            "CREATE TEMP TABLE copy_{t} AS SELECT * FROM {t};
+             DELETE FROM {t};
+             INSERT INTO {t} SELECT * FROM copy_{t};"
+        ));
+    }
+    sql.push_str("COMMIT;");
+    receiver.safe_psql(&sql);
+    receiver.safe_psql("VACUUM ANALYZE");
 }
 
 fn start_node(name: &str, preload: &str) -> Node {
@@ -144,6 +173,7 @@ impl Pair {
             poll,
             next_marker: 1,
             paused: false,
+            pipeline: true,
             origin,
             receiver,
         };
@@ -163,6 +193,7 @@ impl Pair {
                     node.safe_psql("CREATE EXTENSION bdr");
                     applier_command(node, &["init"]);
                 }
+                mark_as_replicated(o, r);
                 applier_command(r, &["add-peer", o.name(), &o.connstr()]);
                 self.applier = Some(ApplierProcess::start(r));
             }
@@ -256,7 +287,13 @@ impl Pair {
     /// Starts the receiving side again.
     pub fn resume(&mut self) -> anyhow::Result<()> {
         match self.kind {
-            Kind::Bdr => self.applier.as_mut().expect("applier").restart(),
+            Kind::Bdr => {
+                let mode = if self.pipeline { "on" } else { "off" };
+                self.applier
+                    .as_mut()
+                    .expect("applier")
+                    .restart_with_env(&[("BDR_APPLY_PIPELINE", mode)]);
+            }
             Kind::Builtin => {
                 self.receiver
                     .safe_psql("ALTER SUBSCRIPTION bench_sub ENABLE");
@@ -268,6 +305,13 @@ impl Pair {
         }
         self.paused = false;
         Ok(())
+    }
+
+    /// bdr only: whether the applier pipelines statements, from the next
+    /// resume on.
+    pub fn set_pipeline(&mut self, on: bool) {
+        assert_eq!(self.kind, Kind::Bdr);
+        self.pipeline = on;
     }
 
     /// Built-in only: the subscription's `binary` option (while paused).

@@ -14,6 +14,9 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum System {
     Bdr,
+    /// bdr applying one statement at a time (`BDR_APPLY_PIPELINE=off`):
+    /// what pipelining buys, in the same run.
+    BdrSerial,
     Builtin,
     BuiltinBinary,
     Pglogical,
@@ -21,8 +24,9 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 5] = [
+    pub const ALL: [System; 6] = [
         System::Bdr,
+        System::BdrSerial,
         System::Builtin,
         System::BuiltinBinary,
         System::Pglogical,
@@ -33,6 +37,7 @@ impl System {
     pub fn key(self) -> &'static str {
         match self {
             System::Bdr => "bdr",
+            System::BdrSerial => "bdr_serial",
             System::Builtin => "builtin",
             System::BuiltinBinary => "builtin_binary",
             System::Pglogical => "pglogical",
@@ -43,6 +48,7 @@ impl System {
     fn header(self) -> &'static str {
         match self {
             System::Bdr => "bdr",
+            System::BdrSerial => "bdr 1-by-1",
             System::Builtin => "built-in",
             System::BuiltinBinary => "built-in bin",
             System::Pglogical => "pglogical",
