@@ -140,22 +140,28 @@ CREATE TYPE bdr.conflict_resolver AS ENUM (
 );
 
 -- What was done: the remote change applied, the local row kept (remote
--- change skipped), nothing to apply (the row is gone), or apply stopped.
+-- change skipped), nothing to apply (the row is gone), apply stopped, or
+-- the row a conflict handler returned written (other than both versions).
 CREATE TYPE bdr.conflict_resolution AS ENUM (
     'apply_remote',
     'keep_local',
     'skip',
-    'error'
+    'error',
+    'merge'
 );
 
 CREATE TABLE bdr.table_conflict_resolvers (
     relation_schema text NOT NULL,
     relation_name   text NOT NULL,
-    resolver        bdr.conflict_resolver NOT NULL,
+    resolver        bdr.conflict_resolver NOT NULL DEFAULT 'last_update_wins',
+    -- Decides insert_exists and update_origin_differs conflicts instead of
+    -- the resolver: handler(conflict_type, local_row, remote_row) returns
+    -- the row to keep (jsonb) or NULL to keep the local row unchanged.
+    handler         regprocedure,
     PRIMARY KEY (relation_schema, relation_name)
 );
 COMMENT ON TABLE bdr.table_conflict_resolvers IS
-    'per-table conflict resolver of this node (tables not listed use last_update_wins); set it alike on every node';
+    'per-table conflict resolver and handler of this node (tables not listed use last_update_wins); set them alike on every node';
 
 CREATE FUNCTION bdr.set_conflict_resolver(relation regclass, resolver bdr.conflict_resolver)
     RETURNS void
@@ -171,6 +177,38 @@ CREATE FUNCTION bdr.set_conflict_resolver(relation regclass, resolver bdr.confli
     $$;
 COMMENT ON FUNCTION bdr.set_conflict_resolver(regclass, bdr.conflict_resolver) IS
     'sets the conflict resolver of a table on this node; run it on every node';
+
+-- The handler must take (bdr.conflict_type, jsonb, jsonb) and return
+-- jsonb; NULL removes it.
+CREATE FUNCTION bdr.set_conflict_handler(relation regclass, handler regprocedure)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    AS $$
+    BEGIN
+    IF relation IS NULL THEN
+        RAISE EXCEPTION 'relation must not be NULL';
+    END IF;
+    IF handler IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_proc p
+         WHERE p.oid = handler AND p.prokind = 'f'
+           AND p.prorettype = 'pg_catalog.jsonb'::pg_catalog.regtype
+           AND p.pronargs = 3
+           AND p.proargtypes[0] = 'bdr.conflict_type'::pg_catalog.regtype
+           AND p.proargtypes[1] = 'pg_catalog.jsonb'::pg_catalog.regtype
+           AND p.proargtypes[2] = 'pg_catalog.jsonb'::pg_catalog.regtype) THEN
+        RAISE EXCEPTION 'conflict handler % must take (bdr.conflict_type, jsonb, jsonb) and return jsonb', handler;
+    END IF;
+    INSERT INTO bdr.table_conflict_resolvers AS r (relation_schema, relation_name, handler)
+    SELECT n.nspname, c.relname, handler
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = relation
+    ON CONFLICT (relation_schema, relation_name)
+       DO UPDATE SET handler = excluded.handler;
+    END
+    $$;
+COMMENT ON FUNCTION bdr.set_conflict_handler(regclass, regprocedure) IS
+    'sets (or with NULL removes) the conflict handler of a table on this node; run it on every node';
 
 -- Node-local settings, read by bdr-applier when it needs them.
 --   conflict_history  on (default) | off: whether conflicts are written to
@@ -227,10 +265,14 @@ CREATE TABLE bdr.conflict_history (
     -- e.g. a frozen row).
     local_origin        bigint,
     local_commit_time   timestamptz,
-    remote_commit_time  timestamptz NOT NULL,
-    -- The remote transaction: its commit LSN and xid on the sending node.
+    -- The remote transaction: its commit time, commit LSN and xid on the
+    -- sending node (time and xid are NULL for an apply_error outside a
+    -- transaction; its LSN is then where the stream stopped).
+    remote_commit_time  timestamptz,
     remote_commit_lsn   pg_lsn NOT NULL,
-    remote_xid          bigint NOT NULL,
+    remote_xid          bigint,
+    -- For an apply_error, the error; for a unique key conflict, the index;
+    -- for a conflict handler's decision, the handler.
     detail              text
 );
 CREATE INDEX ON bdr.conflict_history (recorded_at);

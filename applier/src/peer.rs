@@ -25,7 +25,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::apply::{Applier, ApplyError, Endpoints};
+use crate::apply::{Applier, ApplyError, Endpoints, TxnSummary};
 use crate::catalog::{LocalNode, Peer};
 use crate::origin;
 use crate::stream::{
@@ -53,10 +53,10 @@ pub(crate) enum SessionError {
     Stream(#[from] StreamError),
     #[error("at {lsn}: malformed message: {source}")]
     Decode { lsn: Lsn, source: DecodeError },
-    #[error("at {lsn}{}: {source}", xid.map(|x| format!(" in remote xid {x}")).unwrap_or_default())]
+    #[error("at {lsn}{}: {source}", txn.map(|t| format!(" in remote xid {}", t.xid)).unwrap_or_default())]
     Apply {
         lsn: Lsn,
-        xid: Option<u32>,
+        txn: Option<TxnSummary>,
         source: ApplyError,
     },
     #[error("handshake: {0}")]
@@ -77,6 +77,7 @@ impl SessionError {
 /// Runs the peer until `shutdown` turns true.
 pub(crate) async fn run(local: Arc<LocalNode>, peer: Peer, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = BACKOFF_FIRST;
+    let mut last_recorded = None;
     loop {
         let started = Instant::now();
         let span = info_span!("peer", peer = %peer.name);
@@ -86,13 +87,16 @@ pub(crate) async fn run(local: Arc<LocalNode>, peer: Peer, mut shutdown: watch::
         }
         match result {
             Ok(()) => return,
-            Err(err) => error!(
-                peer = %peer.name,
-                relation = err.relation().unwrap_or(""),
-                error = %err,
-                retry_in = ?backoff,
-                "apply from peer stopped"
-            ),
+            Err(err) => {
+                error!(
+                    peer = %peer.name,
+                    relation = err.relation().unwrap_or(""),
+                    error = %err,
+                    retry_in = ?backoff,
+                    "apply from peer stopped"
+                );
+                record_apply_error(&local, &peer, &err, &mut last_recorded).await;
+            }
         }
         if started.elapsed() > BACKOFF_MAX {
             backoff = BACKOFF_FIRST;
@@ -102,6 +106,62 @@ pub(crate) async fn run(local: Arc<LocalNode>, peer: Peer, mut shutdown: watch::
             _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+const INSERT_APPLY_ERROR: &str = "\
+INSERT INTO bdr.conflict_history
+    (local_node_id, remote_node_id, relation, conflict_type, resolution,
+     remote_commit_time, remote_commit_lsn, remote_xid, detail)
+SELECT $1::bigint, coalesce($2::bigint, n.node_id), $3::text, 'apply_error', 'error',
+       '2000-01-01 00:00:00+00'::timestamptz + ($4::bigint::text || ' microseconds')::interval,
+       $5::text::pg_lsn, $6::bigint, $7::text
+  FROM bdr.nodes n WHERE n.node_name = $8::text";
+
+/// Records an error that stopped apply from `peer` as an `apply_error`
+/// row of `bdr.conflict_history`, unless it is the one recorded last
+/// (the session retries it with backoff) or a conflict already recorded.
+async fn record_apply_error(
+    local: &LocalNode,
+    peer: &Peer,
+    err: &SessionError,
+    last_recorded: &mut Option<String>,
+) {
+    let SessionError::Apply { lsn, txn, source } = err else {
+        return;
+    };
+    let text = err.to_string();
+    if source.is_recorded() || last_recorded.as_ref() == Some(&text) {
+        return;
+    }
+    let relation = source.relation().unwrap_or("");
+    let result = async {
+        let client = connect_local(local).await?;
+        let origin = txn.map(|t| t.origin as i64);
+        let time = txn.map(|t| t.commit_time);
+        let at = Lsn(txn.map_or(lsn.0, |t| t.commit_lsn)).to_string();
+        let xid = txn.map(|t| i64::from(t.xid));
+        client
+            .execute(
+                INSERT_APPLY_ERROR,
+                &[
+                    &(local.node_id as i64),
+                    &origin,
+                    &relation,
+                    &time,
+                    &at,
+                    &xid,
+                    &source.to_string(),
+                    &peer.name,
+                ],
+            )
+            .await?;
+        Ok::<_, SessionError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => *last_recorded = Some(text),
+        Err(e) => warn!(peer = %peer.name, error = %e, "recording the apply error failed"),
     }
 }
 
@@ -164,7 +224,7 @@ async fn session(
         .await
         .map_err(|source| SessionError::Apply {
             lsn: start,
-            xid: None,
+            txn: None,
             source,
         })?;
     let mut state = Session {
@@ -225,7 +285,7 @@ impl Session {
                 settled = self.applier.settle(), if self.applier.busy() => {
                     settled.map_err(|source| SessionError::Apply {
                         lsn: self.flushed,
-                        xid: None,
+                        txn: None,
                         source,
                     })?;
                     self.note_confirmed().await?;
@@ -269,8 +329,8 @@ impl Session {
             }
             let raw = frame.slice(start..messages.offset());
             if let Err(source) = self.applier.handle(frame, raw, &msg).await {
-                let xid = self.applier.current_xid();
-                return Err(SessionError::Apply { lsn, xid, source });
+                let txn = self.applier.current_txn();
+                return Err(SessionError::Apply { lsn, txn, source });
             }
             self.note_confirmed().await?;
         }

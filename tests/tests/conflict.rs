@@ -8,7 +8,12 @@ use bdr_tests::{Mesh, Node};
 
 const SCHEMA: &str = "
 CREATE TABLE t (id int PRIMARY KEY, v text);
-CREATE TABLE u (id int PRIMARY KEY, email text UNIQUE, v text);";
+CREATE TABLE u (id int PRIMARY KEY, email text UNIQUE, v text);
+CREATE TABLE m (id int PRIMARY KEY, v text, n int);
+CREATE FUNCTION merge_m(kind bdr.conflict_type, l jsonb, r jsonb) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE
+    AS $$ SELECT jsonb_build_object('id', l -> 'id', 'v', least(l ->> 'v', r ->> 'v'),
+                                    'n', greatest((l ->> 'n')::int, (r ->> 'n')::int)) $$;";
 
 /// The conflicts node `n` recorded: `type|resolution` per line, in order.
 fn history(n: &Node) -> String {
@@ -329,5 +334,53 @@ fn partitions_are_told_apart_when_resolving() {
     assert_eq!(
         history(mesh.node("a")),
         "update_origin_differs|apply_remote"
+    );
+}
+
+#[test]
+fn handler_merges_both_versions_the_same_way_on_both_nodes() {
+    let mut mesh = pair("INSERT INTO m VALUES (1, 'x', 0)");
+    for n in ["a", "b"] {
+        let node = mesh.node(n);
+        let err = node
+            .psql("SELECT bdr.set_conflict_handler('m', 'lower(text)')")
+            .unwrap_err();
+        assert!(
+            err.contains("must take (bdr.conflict_type, jsonb, jsonb)"),
+            "{err}"
+        );
+        node.safe_psql(
+            "SELECT bdr.set_conflict_handler('m', 'merge_m(bdr.conflict_type, jsonb, jsonb)')",
+        );
+    }
+    concurrently(
+        &mut mesh,
+        "UPDATE m SET v = 'b', n = 5 WHERE id = 1; INSERT INTO m VALUES (2, 'y', 2)",
+        "UPDATE m SET v = 'a', n = 3 WHERE id = 1; INSERT INTO m VALUES (2, 'z', 7)",
+    );
+    // Each node handed its own row and the other's to the handler, which
+    // picks the same merge from either side.
+    assert_eq!(
+        mesh.assert_same("SELECT id, v, n FROM m ORDER BY id"),
+        "1|a|5\n2|y|7"
+    );
+    for n in ["a", "b"] {
+        assert_eq!(
+            mesh.node(n).safe_psql(
+                "SELECT conflict_type || '|' || resolution || '|' || detail
+                   FROM bdr.conflict_history ORDER BY id"
+            ),
+            "update_origin_differs|merge|handler merge_m\ninsert_exists|merge|handler merge_m",
+            "node {n}"
+        );
+    }
+    // Without the handler the resolver decides again.
+    mesh.node("a")
+        .safe_psql("SELECT bdr.set_conflict_handler('m', NULL)");
+    assert_eq!(
+        mesh.node("a").safe_psql(
+            "SELECT resolver || '|' || (handler IS NULL) FROM bdr.table_conflict_resolvers"
+        ),
+        "last_update_wins|true"
     );
 }

@@ -215,6 +215,32 @@ fn a_missing_table_stops_only_that_peer_and_names_it() {
     mesh.node("a").safe_psql("INSERT INTO only_on_a VALUES (1)");
     mesh.applier("b")
         .wait_for_log("relation public.only_on_a does not exist on this node");
+    // Recorded once as an apply error, however often it is retried.
+    let b = mesh.node("b");
+    b.poll_query_until(
+        "SELECT count(*) FROM bdr.conflict_history WHERE conflict_type = 'apply_error'",
+        "1",
+    );
+    let deadline = std::time::Instant::now() + bdr_tests::timeout();
+    while mesh
+        .applier("b")
+        .log()
+        .matches("apply from peer stopped")
+        .count()
+        < 3
+    {
+        assert!(std::time::Instant::now() < deadline, "b did not retry");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        mesh.node("b").safe_psql(
+            "SELECT relation, resolution, detail,
+                    remote_node_id = (SELECT node_id FROM bdr.nodes WHERE node_name = 'a'),
+                    remote_xid IS NOT NULL, remote_commit_time <= now()
+               FROM bdr.conflict_history"
+        ),
+        "public.only_on_a|error|relation public.only_on_a does not exist on this node|t|t|t"
+    );
     // c's changes still reach b.
     mesh.node("c")
         .safe_psql("INSERT INTO log VALUES ('c', 'still flowing')");

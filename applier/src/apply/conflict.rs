@@ -97,6 +97,16 @@ impl Resolver {
     }
 }
 
+/// What a resolver does about two versions of a row: stop apply, or
+/// apply the remote change when `remote_wins`, or keep the local row.
+pub(crate) fn decide(resolver: Resolver, remote_wins: bool) -> Resolution {
+    match resolver {
+        Resolver::Error => Resolution::Error,
+        _ if remote_wins => Resolution::ApplyRemote,
+        _ => Resolution::KeepLocal,
+    }
+}
+
 /// What was done about a conflict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Resolution {
@@ -106,6 +116,9 @@ pub(crate) enum Resolution {
     KeepLocal,
     /// There was nothing to apply the change to.
     Skip,
+    /// The table's conflict handler returned a row other than both
+    /// versions, and that row was written.
+    Merge,
     /// Apply stopped.
     Error,
 }
@@ -116,6 +129,7 @@ impl Resolution {
             Resolution::ApplyRemote => "apply_remote",
             Resolution::KeepLocal => "keep_local",
             Resolution::Skip => "skip",
+            Resolution::Merge => "merge",
             Resolution::Error => "error",
         }
     }
@@ -227,5 +241,13 @@ mod tests {
         assert_eq!(Resolver::parse("nope"), None);
         assert!(delete_wins(Resolver::LastUpdateWins));
         assert!(!delete_wins(Resolver::KeepLocal));
+    }
+
+    #[test]
+    fn error_resolver_stops_whoever_would_win() {
+        assert_eq!(decide(Resolver::Error, true), Resolution::Error);
+        assert_eq!(decide(Resolver::Error, false), Resolution::Error);
+        assert_eq!(decide(Resolver::KeepLocal, true), Resolution::ApplyRemote);
+        assert_eq!(decide(Resolver::ApplyRemote, false), Resolution::KeepLocal);
     }
 }

@@ -58,7 +58,6 @@ use bdr_protocol::{
     NodeId, RelId, Truncate, Update,
 };
 use bytes::Bytes;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use tracing::debug;
 
@@ -128,6 +127,12 @@ pub(crate) enum ApplyError {
 }
 
 impl ApplyError {
+    /// Whether the error is already in the conflict history (a conflict
+    /// whose resolver is `error`).
+    pub(crate) fn is_recorded(&self) -> bool {
+        matches!(self, ApplyError::ConflictStop(_))
+    }
+
     /// The relation the error is about, for the log.
     pub(crate) fn relation(&self) -> Option<&str> {
         match self {
@@ -152,6 +157,17 @@ struct OpenTxn {
     commit_time: i64,
     /// Who wrote it, as conflicts need it.
     remote: RemoteTxn,
+}
+
+/// Which remote transaction an error happened in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TxnSummary {
+    pub(crate) xid: u32,
+    /// Its commit LSN on the sending node.
+    pub(crate) commit_lsn: Lsn,
+    pub(crate) commit_time: i64,
+    /// The node where it first committed.
+    pub(crate) origin: NodeId,
 }
 
 /// The nodes at both ends of a stream.
@@ -215,12 +231,12 @@ impl Applier {
         origin_ids.insert(ends.local, 0);
         Ok(Applier {
             client: Arc::new(client),
+            xact_setup,
             pipelined,
             pipe: Pipeline::default(),
             run: None,
             relations: RelationMap::default(),
             txn: None,
-            xact_setup,
             ends,
             origin_ids,
         })
@@ -259,7 +275,8 @@ impl Applier {
         self.run = None;
         let drained = self.pipe.drain().await;
         self.pipe.clear();
-        if self.txn.take().is_some() {
+        // A failed commit leaves its transaction open (and aborted).
+        if self.txn.take().is_some() || self.pipe.poisoned() {
             self.client.batch_execute("ROLLBACK").await?;
         }
         drained
@@ -282,9 +299,14 @@ impl Applier {
         self.pipe.settle_one().await
     }
 
-    /// The remote xid of the transaction being applied.
-    pub(crate) fn current_xid(&self) -> Option<u32> {
-        self.txn.as_ref().map(|t| t.xid)
+    /// The remote transaction being applied.
+    pub(crate) fn current_txn(&self) -> Option<TxnSummary> {
+        self.txn.as_ref().map(|t| TxnSummary {
+            xid: t.xid,
+            commit_lsn: t.remote.commit_lsn,
+            commit_time: t.commit_time,
+            origin: t.remote.version.node,
+        })
     }
 
     /// Whether a remote transaction is being applied.
@@ -459,15 +481,10 @@ impl Applier {
         let Some(open) = self.txn.take() else {
             return Err(ApplyError::OutsideTransaction("COMMIT"));
         };
-        let params = vec![
-            Param::eight_bytes(m.end_lsn),
-            Param::eight_bytes(open.commit_time as u64),
-        ];
-        let setup = self.execute(self.xact_setup.clone(), params);
+        let [setup, commit] = self.commit_replies(m.end_lsn, open.commit_time);
         // Both must succeed: a failed setup aborts the transaction, and
         // COMMIT then rolls it back without an error.
         self.pipe.push(setup, Expect::Must)?;
-        let commit = self.simple("COMMIT");
         self.pipe.push(commit, Expect::Commit(m.end_lsn))?;
         self.pipe.clear();
         Ok(())
@@ -523,10 +540,10 @@ impl Applier {
     async fn pipelined_update(&mut self, frame: &Bytes, m: &Update<'_>) -> Result<(), ApplyError> {
         let remote = self.require_txn("UPDATE")?;
         let rel = self.relations.get(m.rel_id)?;
-        let (set, new, key) = update_values(rel, m)?;
+        let u = update_values(rel, m)?;
         let origin = Param::four_bytes(remote.roident);
-        let params = shared(new.iter().chain(&key).chain([&origin]), frame);
-        let stmt = rel.update(&self.client, &set).await?;
+        let params = shared(u.new.iter().chain(&u.key).chain([&origin]), frame);
+        let stmt = rel.update(&self.client, &u.set, u.key_changes).await?;
         let reply = self.execute(stmt, params);
         self.pipe.push(reply, Expect::Rows(1))
     }
@@ -611,18 +628,26 @@ impl Applier {
         let Some(open) = &self.txn else {
             return Err(ApplyError::OutsideTransaction("COMMIT"));
         };
-        // pg_lsn and timestamptz in binary are 8 big-endian bytes: the
-        // remote values are recorded exactly. Both statements go out in
-        // one round trip.
-        let lsn = Param::eight_bytes(m.end_lsn);
-        let time = Param::eight_bytes(open.commit_time as u64);
-        let params: [&(dyn ToSql + Sync); 2] = [&lsn, &time];
-        let setup = self.client.execute(&self.xact_setup, &params);
-        let commit = self.client.batch_execute("COMMIT");
+        // Both statements go out in one round trip.
+        let [setup, commit] = self.commit_replies(m.end_lsn, open.commit_time);
         tokio::try_join!(setup, commit)?;
         self.txn = None;
         self.pipe.confirm(m.end_lsn);
         Ok(())
+    }
+
+    /// Records the remote end LSN and commit time in the session's
+    /// replication origin, then COMMIT. pg_lsn and timestamptz in binary
+    /// are 8 big-endian bytes: the remote values are recorded exactly.
+    fn commit_replies(&self, end_lsn: Lsn, commit_time: i64) -> [Reply; 2] {
+        let params = vec![
+            Param::eight_bytes(end_lsn),
+            Param::eight_bytes(commit_time as u64),
+        ];
+        [
+            self.execute(self.xact_setup.clone(), params),
+            self.simple("COMMIT"),
+        ]
     }
 
     /// The open remote transaction's writer, for conflicts.
@@ -647,9 +672,14 @@ impl Applier {
     async fn handle_update(&mut self, m: &Update<'_>) -> Result<(), ApplyError> {
         let remote = self.require_txn("UPDATE")?;
         let rel = self.relations.get(m.rel_id)?;
-        let (set, new, key) = update_values(rel, m)?;
+        let UpdateParams {
+            set,
+            new,
+            key,
+            key_changes,
+        } = update_values(rel, m)?;
         let origin = Param::four_bytes(remote.roident);
-        let stmt = rel.update(&self.client, &set).await?;
+        let stmt = rel.update(&self.client, &set, key_changes).await?;
         let params: Vec<&Param<'_>> = new.iter().chain(&key).chain([&origin]).collect();
         if self.client.execute_raw(&stmt, params).await? == 0 {
             let set_cols: Vec<usize> = (0..set.len()).filter(|i| set[*i]).collect();
@@ -704,16 +734,35 @@ impl Applier {
 }
 
 /// Which columns an UPDATE sets (all but unchanged TOAST values), their
-/// new values, and the key values that find the row.
-type UpdateParams<'a> = (Vec<bool>, Vec<Param<'a>>, Vec<Param<'a>>);
+/// new values, the key values that find the row, and whether the key
+/// changes.
+struct UpdateParams<'a> {
+    set: Vec<bool>,
+    new: Vec<Param<'a>>,
+    key: Vec<Param<'a>>,
+    key_changes: bool,
+}
 
 fn update_values<'a>(rel: &MappedRelation, m: &Update<'a>) -> Result<UpdateParams<'a>, ApplyError> {
     require_key(rel)?;
     let set: Vec<bool> = m.new.iter().map(|d| *d != Datum::UnchangedToast).collect();
     let new = bind_columns(rel, &m.new, |i| set.get(i).copied().unwrap_or(false))?;
-    let old = m.old.as_ref().map_or(&m.new, |o| &o.tuple);
+    // Without an old key the key did not change (the stream sends it
+    // when it does); a full old row tells by comparison.
+    let (old, key_changes) = match &m.old {
+        None => (&m.new, false),
+        Some(o) => (
+            &o.tuple,
+            rel.key.iter().any(|&i| o.tuple.get(i) != m.new.get(i)),
+        ),
+    };
     let key = bind_key(rel, old)?;
-    Ok((set, new, key))
+    Ok(UpdateParams {
+        set,
+        new,
+        key,
+        key_changes,
+    })
 }
 
 /// The key values that find a DELETE's row.

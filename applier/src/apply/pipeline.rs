@@ -206,6 +206,11 @@ impl Pipeline {
         Some((lsn, std::mem::take(&mut self.confirmed_count)))
     }
 
+    /// Whether a COMMIT failed.
+    pub(super) fn poisoned(&self) -> bool {
+        self.poisoned
+    }
+
     /// Why the work since the restart point must be applied again.
     pub(super) fn failed(&self) -> Option<&str> {
         self.failed.as_deref()

@@ -86,10 +86,11 @@ pub(crate) struct MappedRelation {
     insert: Option<Statement>,
     /// Multi-row INSERTs, by number of rows (powers of two).
     insert_rows: HashMap<usize, Statement>,
-    update_all: Option<Statement>,
+    /// The UPDATE of every column, by whether the key changes.
+    update_all: [Option<Statement>; 2],
     /// UPDATEs that leave unchanged TOAST columns out, by which columns
-    /// are set.
-    update_partial: HashMap<Vec<bool>, Statement>,
+    /// are set and whether the key changes.
+    update_partial: HashMap<(Vec<bool>, bool), Statement>,
     delete: Option<Statement>,
 }
 
@@ -167,7 +168,7 @@ impl MappedRelation {
             unique,
             insert: None,
             insert_rows: HashMap::new(),
-            update_all: None,
+            update_all: [None, None],
             update_partial: HashMap::new(),
             delete: None,
         })
@@ -182,7 +183,12 @@ impl MappedRelation {
         if let Some(s) = &self.insert {
             return Ok(s.clone());
         }
-        let sql = sql::insert(&self.table, &self.names(0..self.columns.len()));
+        let sql = sql::insert_rows(
+            &self.table,
+            &self.names(0..self.columns.len()),
+            1,
+            sql::detect_conflicts(),
+        );
         let s = client.prepare(&sql).await?;
         Ok(self.insert.insert(s).clone())
     }
@@ -199,24 +205,31 @@ impl MappedRelation {
         if let Some(s) = self.insert_rows.get(&rows) {
             return Ok(s.clone());
         }
-        let sql = sql::insert_rows(&self.table, &self.names(0..self.columns.len()), rows);
+        let sql = sql::insert_rows(
+            &self.table,
+            &self.names(0..self.columns.len()),
+            rows,
+            sql::detect_conflicts(),
+        );
         let s = client.prepare(&sql).await?;
         self.insert_rows.insert(rows, s.clone());
         Ok(s)
     }
 
     /// The UPDATE that sets the columns flagged in `set` and finds the row
-    /// by its key, prepared on first use.
+    /// by its key, prepared on first use. Unless `key_changes`, a unique
+    /// key made of key columns only keeps its values and is not checked.
     pub(crate) async fn update(
         &mut self,
         client: &Client,
         set: &[bool],
+        key_changes: bool,
     ) -> Result<Statement, ApplyError> {
         let all = set.iter().all(|s| *s);
         let cached = if all {
-            self.update_all.as_ref()
+            self.update_all[usize::from(key_changes)].as_ref()
         } else {
-            self.update_partial.get(set)
+            self.update_partial.get(&(set.to_vec(), key_changes))
         };
         if let Some(s) = cached {
             return Ok(s.clone());
@@ -228,6 +241,7 @@ impl MappedRelation {
         let unique: Vec<Vec<usize>> = self
             .unique
             .iter()
+            .filter(|u| key_changes || !u.columns.iter().all(|c| self.key.contains(c)))
             .filter_map(|u| {
                 u.columns
                     .iter()
@@ -235,17 +249,20 @@ impl MappedRelation {
                     .collect()
             })
             .collect();
+        let detect = sql::detect_conflicts();
         let sql = sql::update(
             &self.table,
             &set_names,
             &self.names(self.key.iter().copied()),
-            &unique,
+            if detect { &unique } else { &[] },
+            detect,
         );
         let s = client.prepare(&sql).await?;
         if all {
-            self.update_all = Some(s.clone());
+            self.update_all[usize::from(key_changes)] = Some(s.clone());
         } else {
-            self.update_partial.insert(set.to_vec(), s.clone());
+            self.update_partial
+                .insert((set.to_vec(), key_changes), s.clone());
         }
         Ok(s)
     }
@@ -255,7 +272,11 @@ impl MappedRelation {
         if let Some(s) = &self.delete {
             return Ok(s.clone());
         }
-        let sql = sql::delete(&self.table, &self.names(self.key.iter().copied()));
+        let sql = sql::delete(
+            &self.table,
+            &self.names(self.key.iter().copied()),
+            sql::detect_conflicts(),
+        );
         let s = client.prepare(&sql).await?;
         Ok(self.delete.insert(s).clone())
     }

@@ -24,23 +24,127 @@ use super::record::{self, ConflictRecord, LocalRow, RemoteTxn, RemoteValues};
 use super::relation::MappedRelation;
 use super::{ApplyError, sql};
 
-const TABLE_RESOLVER: &str = "\
-SELECT resolver::text FROM bdr.table_conflict_resolvers
+const TABLE_RULES: &str = "\
+SELECT resolver::text, handler::regproc::text FROM bdr.table_conflict_resolvers
  WHERE relation_schema = $1 AND relation_name = $2";
+
+/// How a table's conflicts are resolved on this node.
+#[derive(Debug, Default)]
+struct Rules {
+    resolver: Resolver,
+    /// The conflict handler's name (`bdr.set_conflict_handler`), quoted
+    /// and qualified as needed by `regproc` output.
+    handler: Option<String>,
+}
+
+/// The rules set for `rel` on this node (last_update_wins, no handler,
+/// when none).
+async fn rules_for(client: &Client, rel: &MappedRelation) -> Result<Rules, ApplyError> {
+    let Some(row) = client
+        .query_opt(TABLE_RULES, &[&rel.schema, &rel.name])
+        .await?
+    else {
+        return Ok(Rules::default());
+    };
+    Ok(Rules {
+        resolver: row
+            .get::<_, Option<String>>(0)
+            .and_then(|name| Resolver::parse(&name))
+            .unwrap_or_default(),
+        handler: row.get(1),
+    })
+}
+
+/// One remote change on the conflict path.
+struct Change<'c, 'p, 'a> {
+    client: &'c Client,
+    rel: &'c MappedRelation,
+    remote: &'c RemoteTxn,
+    values: RemoteValues<'p, 'a>,
+}
+
+impl Change<'_, '_, '_> {
+    /// Records the conflict, or stops apply when `resolution` says so.
+    async fn conclude(
+        &self,
+        kind: ConflictType,
+        resolver: Resolver,
+        resolution: Resolution,
+        local: &[&LocalRow],
+        detail: Option<String>,
+    ) -> Result<(), ApplyError> {
+        let mut record = self.record(kind, resolver, resolution, local).await?;
+        record.detail = detail;
+        finish(self.client, record).await
+    }
+
+    async fn record(
+        &self,
+        kind: ConflictType,
+        resolver: Resolver,
+        resolution: Resolution,
+        local: &[&LocalRow],
+    ) -> Result<ConflictRecord, ApplyError> {
+        record::build(
+            self.client,
+            self.rel,
+            self.remote,
+            &self.values,
+            kind,
+            resolver,
+            resolution,
+            local,
+        )
+        .await
+    }
+
+    /// Lets the table's conflict handler decide between the local row and
+    /// the remote change: it returns the row to keep, written over the
+    /// local one, or NULL to keep the local row as it is.
+    async fn by_handler(
+        &self,
+        kind: ConflictType,
+        rules: &Rules,
+        handler: &str,
+        local: &LocalRow,
+    ) -> Result<(), ApplyError> {
+        let mut record = self
+            .record(kind, rules.resolver, Resolution::KeepLocal, &[local])
+            .await?;
+        let call = format!(
+            "SELECT ({handler}($1::text::bdr.conflict_type, $2::text::jsonb, $3::text::jsonb))::text"
+        );
+        let row = self
+            .client
+            .query_one(&call, &[&kind.as_str(), &local.json, &record.remote_row])
+            .await?;
+        let kept: Option<String> = row.get(0);
+        record.resolution = match kept {
+            None => Resolution::KeepLocal,
+            Some(ref k) if *k == local.json => Resolution::KeepLocal,
+            Some(k) => {
+                let [table, ctid] = address(&local.ctid);
+                let names = self.rel.names(0..self.rel.columns.len());
+                self.client
+                    .execute(
+                        &sql::update_from_json(&self.rel.table, &names),
+                        &[&k, &table, &ctid],
+                    )
+                    .await?;
+                if Some(&k) == record.remote_row.as_ref() {
+                    Resolution::ApplyRemote
+                } else {
+                    Resolution::Merge
+                }
+            }
+        };
+        record.detail = Some(format!("handler {handler}"));
+        finish(self.client, record).await
+    }
+}
 
 fn as_sql<'p>(params: &'p [&'p Param<'_>]) -> Vec<&'p (dyn ToSql + Sync)> {
     params.iter().map(|p| *p as &(dyn ToSql + Sync)).collect()
-}
-
-/// The resolver set for `rel` on this node (last_update_wins when none).
-async fn resolver_for(client: &Client, rel: &MappedRelation) -> Result<Resolver, ApplyError> {
-    let row = client
-        .query_opt(TABLE_RESOLVER, &[&rel.schema, &rel.name])
-        .await?;
-    Ok(row
-        .and_then(|r| r.get::<_, Option<String>>(0))
-        .and_then(|name| Resolver::parse(&name))
-        .unwrap_or_default())
 }
 
 /// The local rows `cols` of the remote values `params` (positions among
@@ -139,51 +243,53 @@ pub(crate) async fn insert_conflict(
     params: &[Param<'_>],
 ) -> Result<(), ApplyError> {
     let (hits, indexes) = unique_hits(client, rel, |i| params.get(i), None).await?;
+    let all: Vec<usize> = (0..rel.columns.len()).collect();
+    // Without ON CONFLICT: once no row holds one of its keys, the INSERT
+    // either succeeds or fails with the database's own message.
+    let plain = sql::insert(&rel.table, &rel.names(all.iter().copied()))
+        .replace(" ON CONFLICT DO NOTHING", "");
+    let refs: Vec<&Param<'_>> = params.iter().collect();
     if hits.is_empty() {
         // A key this applier does not look up (partial or expression
-        // index, exclusion constraint), or the row went away meanwhile:
-        // the plain INSERT either succeeds or fails with the database's
-        // own message.
-        let all: Vec<usize> = (0..rel.columns.len()).collect();
-        let plain = sql::insert(&rel.table, &rel.names(all.into_iter()))
-            .replace(" ON CONFLICT DO NOTHING", "");
-        let refs: Vec<&Param<'_>> = params.iter().collect();
+        // index, exclusion constraint), or the row went away meanwhile.
         client.execute(&plain, &as_sql(&refs)).await?;
         return Ok(());
+    }
+    let key: Vec<Param<'_>> = rel.key.iter().map(|&i| params[i].clone()).collect();
+    let change = Change {
+        client,
+        rel,
+        remote,
+        values: RemoteValues {
+            columns: &all,
+            row: params,
+            key: &key,
+        },
+    };
+    let rules = rules_for(client, rel).await?;
+    if let ([hit], Some(handler)) = (&hits[..], &rules.handler) {
+        return change
+            .by_handler(ConflictType::InsertExists, &rules, handler, hit)
+            .await;
     }
     let kind = if hits.len() == 1 {
         ConflictType::InsertExists
     } else {
         ConflictType::MultipleUniqueConflicts
     };
-    let resolver = resolver_for(client, rel).await?;
-    let resolution = if resolver == Resolver::Error {
+    let resolution = if rules.resolver == Resolver::Error {
         Resolution::Error
-    } else if settle_unique(client, rel, remote, resolver, &hits).await? {
-        let all: Vec<usize> = (0..rel.columns.len()).collect();
-        // Without ON CONFLICT: every row holding one of its keys is gone.
-        let insert = sql::insert(&rel.table, &rel.names(all.into_iter()))
-            .replace(" ON CONFLICT DO NOTHING", "");
-        let refs: Vec<&Param<'_>> = params.iter().collect();
-        client.execute(&insert, &as_sql(&refs)).await?;
+    } else if settle_unique(client, rel, remote, rules.resolver, &hits).await? {
+        client.execute(&plain, &as_sql(&refs)).await?;
         Resolution::ApplyRemote
     } else {
         Resolution::KeepLocal
     };
-    let all: Vec<usize> = (0..rel.columns.len()).collect();
-    let key: Vec<Param<'_>> = rel.key.iter().map(|&i| params[i].clone()).collect();
-    let values = RemoteValues {
-        columns: &all,
-        row: params,
-        key: &key,
-    };
     let local: Vec<&LocalRow> = hits.iter().collect();
-    let mut record = record::build(
-        client, rel, remote, &values, kind, resolver, resolution, &local,
-    )
-    .await?;
-    record.detail = Some(format!("unique index {}", indexes.join(", ")));
-    finish(client, record).await
+    let detail = Some(format!("unique index {}", indexes.join(", ")));
+    change
+        .conclude(kind, rules.resolver, resolution, &local, detail)
+        .await
 }
 
 /// The values of an UPDATE: its new row (the set columns) and its key.
@@ -201,59 +307,61 @@ pub(crate) async fn update_conflict(
     remote: &RemoteTxn,
     v: &UpdateValues<'_, '_>,
 ) -> Result<(), ApplyError> {
-    let values = RemoteValues {
-        columns: v.set_cols,
-        row: v.new,
-        key: v.key,
+    let change = Change {
+        client,
+        rel,
+        remote,
+        values: RemoteValues {
+            columns: v.set_cols,
+            row: v.new,
+            key: v.key,
+        },
     };
     let key_of = |i: usize| rel.key.iter().position(|&k| k == i).map(|p| &v.key[p]);
-    let Some(local) = lookup(client, rel, &rel.key, key_of).await?.pop() else {
-        let resolver = resolver_for(client, rel).await?;
+    let found = lookup(client, rel, &rel.key, key_of).await?.pop();
+    let rules = rules_for(client, rel).await?;
+    let resolver = rules.resolver;
+    let Some(local) = found else {
         let resolution = if resolver == Resolver::Error {
             Resolution::Error
         } else {
             Resolution::Skip
         };
-        let kind = ConflictType::UpdateMissing;
-        let record = record::build(
-            client,
-            rel,
-            remote,
-            &values,
-            kind,
-            resolver,
-            resolution,
-            &[],
-        )
-        .await?;
-        return finish(client, record).await;
+        return change
+            .conclude(ConflictType::UpdateMissing, resolver, resolution, &[], None)
+            .await;
     };
-    let resolver = resolver_for(client, rel).await?;
     if local.roident.is_some_and(|o| o != remote.roident) {
-        let resolution = if resolver == Resolver::Error {
-            Resolution::Error
-        } else if conflict::remote_wins(resolver, local.version, remote.version) {
-            Resolution::ApplyRemote
-        } else {
-            Resolution::KeepLocal
-        };
         let kind = ConflictType::UpdateOriginDiffers;
-        let record = record::build(
-            client,
-            rel,
-            remote,
-            &values,
-            kind,
-            resolver,
-            resolution,
-            &[&local],
-        )
-        .await?;
-        finish(client, record).await?;
+        if let Some(handler) = &rules.handler {
+            return change.by_handler(kind, &rules, handler, &local).await;
+        }
+        let wins = conflict::remote_wins(resolver, local.version, remote.version);
+        let resolution = conflict::decide(resolver, wins);
+        change
+            .conclude(kind, resolver, resolution, &[&local], None)
+            .await?;
         if resolution != Resolution::ApplyRemote {
             return Ok(());
         }
     }
+    update_row(&change, resolver, v, &local).await
+}
+
+/// Writes an UPDATE's new values over `local`, settling first with every
+/// other row that holds one of its unique keys.
+async fn update_row(
+    change: &Change<'_, '_, '_>,
+    resolver: Resolver,
+    v: &UpdateValues<'_, '_>,
+    local: &LocalRow,
+) -> Result<(), ApplyError> {
+    let Change {
+        client,
+        rel,
+        remote,
+        ..
+    } = *change;
     let new_of = |i: usize| v.set_cols.iter().position(|&c| c == i).map(|p| &v.new[p]);
     let (hits, indexes) = unique_hits(client, rel, new_of, Some(&local.ctid)).await?;
     let set_names = rel.names(v.set_cols.iter().copied());
@@ -289,19 +397,10 @@ pub(crate) async fn update_conflict(
         Resolution::KeepLocal
     };
     let local_rows: Vec<&LocalRow> = hits.iter().collect();
-    let mut record = record::build(
-        client,
-        rel,
-        remote,
-        &values,
-        kind,
-        resolver,
-        resolution,
-        &local_rows,
-    )
-    .await?;
-    record.detail = Some(format!("unique index {}", indexes.join(", ")));
-    finish(client, record).await
+    let detail = Some(format!("unique index {}", indexes.join(", ")));
+    change
+        .conclude(kind, resolver, resolution, &local_rows, detail)
+        .await
 }
 
 /// A DELETE that found no row last written by the change's origin.
@@ -311,24 +410,25 @@ pub(crate) async fn delete_conflict(
     remote: &RemoteTxn,
     key: &[Param<'_>],
 ) -> Result<(), ApplyError> {
-    let values = RemoteValues {
-        columns: &rel.key,
-        row: key,
-        key,
+    let change = Change {
+        client,
+        rel,
+        remote,
+        values: RemoteValues {
+            columns: &rel.key,
+            row: key,
+            key,
+        },
     };
     let key_of = |i: usize| rel.key.iter().position(|&k| k == i).map(|p| &key[p]);
     let found = lookup(client, rel, &rel.key, key_of).await?.pop();
-    let resolver = resolver_for(client, rel).await?;
+    let resolver = rules_for(client, rel).await?.resolver;
     let (kind, resolution) = match &found {
         None => (ConflictType::DeleteMissing, Resolution::Skip),
-        Some(local) if local.roident.is_some_and(|o| o != remote.roident) => {
-            let resolution = if conflict::delete_wins(resolver) {
-                Resolution::ApplyRemote
-            } else {
-                Resolution::KeepLocal
-            };
-            (ConflictType::DeleteOriginDiffers, resolution)
-        }
+        Some(local) if local.roident.is_some_and(|o| o != remote.roident) => (
+            ConflictType::DeleteOriginDiffers,
+            conflict::decide(resolver, conflict::delete_wins(resolver)),
+        ),
         Some(local) => {
             // Same origin after all (the row changed meanwhile): no conflict.
             delete_row(client, rel, &local.ctid).await?;
@@ -344,9 +444,7 @@ pub(crate) async fn delete_conflict(
         delete_row(client, rel, &local.ctid).await?;
     }
     let local: Vec<&LocalRow> = found.iter().collect();
-    let record = record::build(
-        client, rel, remote, &values, kind, resolver, resolution, &local,
-    )
-    .await?;
-    finish(client, record).await
+    change
+        .conclude(kind, resolver, resolution, &local, None)
+        .await
 }

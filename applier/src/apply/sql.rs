@@ -26,13 +26,14 @@ pub(crate) fn qualified(schema: &str, name: &str) -> String {
 /// a row that hits any unique key is not inserted, and the count of 0
 /// sends the change down the conflict path.
 pub(crate) fn insert(table: &str, columns: &[&str]) -> String {
-    insert_rows(table, columns, 1)
+    insert_rows(table, columns, 1, true)
 }
 
 /// The INSERT of `rows` rows at once: `VALUES ($1, $2), ($3, $4), ...`,
 /// the parameters row after row. A count below `rows` means some row hit
-/// a unique key: the rows are then applied again one by one.
-pub(crate) fn insert_rows(table: &str, columns: &[&str], rows: usize) -> String {
+/// a unique key: the rows are then applied again one by one. Without
+/// `detect` (see [`detect_conflicts`]) there is no ON CONFLICT clause.
+pub(crate) fn insert_rows(table: &str, columns: &[&str], rows: usize, detect: bool) -> String {
     let names: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let width = columns.len();
     let tuples: Vec<String> = (0..rows)
@@ -42,17 +43,36 @@ pub(crate) fn insert_rows(table: &str, columns: &[&str], rows: usize) -> String 
         })
         .collect();
     format!(
-        "INSERT INTO {table} ({}) VALUES {} ON CONFLICT DO NOTHING",
+        "INSERT INTO {table} ({}) VALUES {}{}",
         names.join(", "),
-        tuples.join(", ")
+        tuples.join(", "),
+        if detect {
+            " ON CONFLICT DO NOTHING"
+        } else {
+            ""
+        }
     )
+}
+
+/// Whether the no-conflict path's statements detect conflicts: always,
+/// unless `BDR_APPLY_DETECT_CONFLICTS=off`, which the benchmark sets to
+/// measure what detection costs. Without it an UPDATE or DELETE finds its
+/// row by key alone and an INSERT has no ON CONFLICT clause: a conflict
+/// overwrites, or fails as an apply error.
+pub(crate) fn detect_conflicts() -> bool {
+    static VALUE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VALUE.get_or_init(|| std::env::var("BDR_APPLY_DETECT_CONFLICTS").map_or(true, |v| v != "off"))
 }
 
 /// The condition that the row `alias` was last written by the origin
 /// `$param` (a replication origin id), or by an unknown writer: a frozen
 /// row, or one written earlier in the current transaction. Those apply
 /// without a conflict, as in PostgreSQL 18.
-fn same_origin(alias: &str, param: usize) -> String {
+fn same_origin(alias: &str, param: usize, detect: bool) -> String {
+    if !detect {
+        // The parameter is bound all the same.
+        return format!("${param}::oid IS NOT NULL");
+    }
     format!(
         "coalesce((pg_catalog.pg_xact_commit_timestamp_origin({alias}.xmin)).roident, ${param}::oid) = ${param}::oid"
     )
@@ -81,7 +101,13 @@ fn key_condition(alias: &str, keys: &[&str], first: usize) -> String {
 /// `set` of one unique key's columns: the row is not updated when its new
 /// values would hit another row's key. An updated count of 0 sends the
 /// change down the conflict path, with no extra round trip otherwise.
-pub(crate) fn update(table: &str, set: &[&str], keys: &[&str], unique: &[Vec<usize>]) -> String {
+pub(crate) fn update(
+    table: &str,
+    set: &[&str],
+    keys: &[&str],
+    unique: &[Vec<usize>],
+    detect: bool,
+) -> String {
     let sets: Vec<String> = set
         .iter()
         .enumerate()
@@ -92,7 +118,7 @@ pub(crate) fn update(table: &str, set: &[&str], keys: &[&str], unique: &[Vec<usi
         "UPDATE {table} AS t SET {} WHERE {} AND {}",
         sets.join(", "),
         key_condition("t", keys, set.len() + 1),
-        same_origin("t", origin_param)
+        same_origin("t", origin_param, detect)
     );
     for cols in unique {
         let conds: Vec<String> = cols
@@ -109,11 +135,11 @@ pub(crate) fn update(table: &str, set: &[&str], keys: &[&str], unique: &[Vec<usi
 
 /// The DELETE of the no-conflict path: `DELETE FROM table AS t WHERE
 /// t.k1 = $1 AND ... AND <t last written by origin $n+1>`.
-pub(crate) fn delete(table: &str, keys: &[&str]) -> String {
+pub(crate) fn delete(table: &str, keys: &[&str], detect: bool) -> String {
     format!(
         "DELETE FROM {table} AS t WHERE {} AND {}",
         key_condition("t", keys, 1),
-        same_origin("t", keys.len() + 1)
+        same_origin("t", keys.len() + 1, detect)
     )
 }
 
@@ -160,6 +186,21 @@ pub(crate) fn update_by_ctid(table: &str, set: &[&str]) -> String {
     )
 }
 
+/// Writes a row given as json (a conflict handler's answer) over the row
+/// at `tableoid = $2`, `ctid = $3`: `UPDATE table SET (c1, ...) = (SELECT
+/// r.c1, ... FROM jsonb_populate_record(NULL::table, $1) AS r) WHERE ...`.
+/// Keys the json lacks become NULL, as `jsonb_populate_record` makes them.
+pub(crate) fn update_from_json(table: &str, columns: &[&str]) -> String {
+    let names: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let picked: Vec<String> = names.iter().map(|n| format!("r.{n}")).collect();
+    format!(
+        "UPDATE {table} SET ({}) = (SELECT {} FROM pg_catalog.jsonb_populate_record(NULL::{table}, $1::text::jsonb) AS r) \
+         WHERE tableoid = $2::oid AND ctid = $3::tid",
+        names.join(", "),
+        picked.join(", ")
+    )
+}
+
 /// Bound values rendered as a json object, for the conflict history only:
 /// `SELECT to_jsonb(r)::text FROM (SELECT $1::type1 AS c1, ...) AS r`.
 /// `columns` are (name, quoted type) pairs, numbered from `first`.
@@ -199,6 +240,16 @@ mod tests {
     }
 
     #[test]
+    fn handler_rows_are_written_by_address() {
+        assert_eq!(
+            update_from_json("\"s\".\"t\"", &["id", "v"]),
+            "UPDATE \"s\".\"t\" SET (\"id\", \"v\") = (SELECT r.\"id\", r.\"v\" \
+             FROM pg_catalog.jsonb_populate_record(NULL::\"s\".\"t\", $1::text::jsonb) AS r) \
+             WHERE tableoid = $2::oid AND ctid = $3::tid"
+        );
+    }
+
+    #[test]
     fn statements_bind_every_value() {
         let t = qualified("public", "t");
         assert_eq!(
@@ -206,20 +257,33 @@ mod tests {
             "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ($1, $2) ON CONFLICT DO NOTHING"
         );
         assert_eq!(
-            insert_rows(&t, &["id", "v"], 3),
+            insert_rows(&t, &["id", "v"], 3, true),
             "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ($1, $2), ($3, $4), ($5, $6) \
              ON CONFLICT DO NOTHING"
         );
         assert_eq!(
-            update(&t, &["id", "v"], &["id"], &[vec![0]]),
+            update(&t, &["id", "v"], &["id"], &[vec![0]], true),
             "UPDATE \"public\".\"t\" AS t SET \"id\" = $1, \"v\" = $2 WHERE t.\"id\" = $3 \
              AND coalesce((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident, $4::oid) = $4::oid \
              AND NOT EXISTS (SELECT 1 FROM \"public\".\"t\" AS u WHERE u.\"id\" = $1 AND u.ctid <> t.ctid)"
         );
         assert_eq!(
-            delete(&t, &["a", "b"]),
+            delete(&t, &["a", "b"], true),
             "DELETE FROM \"public\".\"t\" AS t WHERE t.\"a\" = $1 AND t.\"b\" = $2 \
              AND coalesce((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident, $3::oid) = $3::oid"
+        );
+        // Without detection: by key alone, every parameter still used.
+        assert_eq!(
+            delete(&t, &["a"], false),
+            "DELETE FROM \"public\".\"t\" AS t WHERE t.\"a\" = $1 AND $2::oid IS NOT NULL"
+        );
+        assert_eq!(
+            update(&t, &["v"], &["id"], &[], false),
+            "UPDATE \"public\".\"t\" AS t SET \"v\" = $1 WHERE t.\"id\" = $2 AND $3::oid IS NOT NULL"
+        );
+        assert_eq!(
+            insert_rows(&t, &["id"], 2, false),
+            "INSERT INTO \"public\".\"t\" (\"id\") VALUES ($1), ($2)"
         );
         assert_eq!(
             values_as_json(
