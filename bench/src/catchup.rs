@@ -37,7 +37,7 @@ fn prepare(pair: &mut Pair, system: System) -> anyhow::Result<()> {
     pair.pause()?;
     match pair.kind {
         Kind::Builtin => pair.set_binary(system == System::BuiltinBinary),
-        Kind::Bdr => pair.set_pipeline(system != System::BdrSerial),
+        Kind::Bdr => pair.set_applier_env(crate::applier_env(system)),
         Kind::Pglogical => {}
     }
     Ok(())

@@ -198,9 +198,19 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The environment of the bdr applier for `system`.
+pub fn applier_env(system: System) -> &'static [(&'static str, &'static str)] {
+    match system {
+        System::BdrSerial => &[("BDR_APPLY_PIPELINE", "off")],
+        System::BdrPlain => &[("BDR_APPLY_DETECT_CONFLICTS", "off")],
+        _ => &[],
+    }
+}
+
 /// Which pair stands for which system: the built-in pair twice, with
-/// the subscription in text and in binary mode; the bdr pair twice, with
-/// the applier pipelining and applying one statement at a time.
+/// the subscription in text and in binary mode; the bdr pair three times:
+/// as it runs, applying one statement at a time, and without conflict
+/// detection (catch-up only: these two are for comparison).
 fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
     let mut out = Vec::new();
     for (i, pair) in pairs.iter().enumerate() {
@@ -208,6 +218,7 @@ fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
             Kind::Bdr => {
                 out.push((i, System::Bdr));
                 out.push((i, System::BdrSerial));
+                out.push((i, System::BdrPlain));
             }
             Kind::Builtin => {
                 out.push((i, System::Builtin));

@@ -81,8 +81,8 @@ pub struct Pair {
     poll: postgres::Client,
     next_marker: i32,
     paused: bool,
-    /// bdr only: whether the applier pipelines (see `set_pipeline`).
-    pipeline: bool,
+    /// bdr only: the applier's environment (see `set_applier_env`).
+    applier_env: &'static [(&'static str, &'static str)],
     pub origin: Node,
     pub receiver: Node,
 }
@@ -173,7 +173,7 @@ impl Pair {
             poll,
             next_marker: 1,
             paused: false,
-            pipeline: true,
+            applier_env: &[],
             origin,
             receiver,
         };
@@ -288,11 +288,11 @@ impl Pair {
     pub fn resume(&mut self) -> anyhow::Result<()> {
         match self.kind {
             Kind::Bdr => {
-                let mode = if self.pipeline { "on" } else { "off" };
+                let env = self.applier_env;
                 self.applier
                     .as_mut()
                     .expect("applier")
-                    .restart_with_env(&[("BDR_APPLY_PIPELINE", mode)]);
+                    .restart_with_env(env);
             }
             Kind::Builtin => {
                 self.receiver
@@ -307,11 +307,10 @@ impl Pair {
         Ok(())
     }
 
-    /// bdr only: whether the applier pipelines statements, from the next
-    /// resume on.
-    pub fn set_pipeline(&mut self, on: bool) {
+    /// bdr only: the applier's environment from the next resume on.
+    pub fn set_applier_env(&mut self, env: &'static [(&'static str, &'static str)]) {
         assert_eq!(self.kind, Kind::Bdr);
-        self.pipeline = on;
+        self.applier_env = env;
     }
 
     /// Built-in only: the subscription's `binary` option (while paused).

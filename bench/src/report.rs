@@ -17,6 +17,9 @@ pub enum System {
     /// bdr applying one statement at a time (`BDR_APPLY_PIPELINE=off`):
     /// what pipelining buys, in the same run.
     BdrSerial,
+    /// bdr without conflict detection in its statements
+    /// (`BDR_APPLY_DETECT_CONFLICTS=off`): what detection costs.
+    BdrPlain,
     Builtin,
     BuiltinBinary,
     Pglogical,
@@ -24,9 +27,10 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 6] = [
+    pub const ALL: [System; 7] = [
         System::Bdr,
         System::BdrSerial,
+        System::BdrPlain,
         System::Builtin,
         System::BuiltinBinary,
         System::Pglogical,
@@ -38,6 +42,7 @@ impl System {
         match self {
             System::Bdr => "bdr",
             System::BdrSerial => "bdr_serial",
+            System::BdrPlain => "bdr_no_detection",
             System::Builtin => "builtin",
             System::BuiltinBinary => "builtin_binary",
             System::Pglogical => "pglogical",
@@ -49,6 +54,7 @@ impl System {
         match self {
             System::Bdr => "bdr",
             System::BdrSerial => "bdr 1-by-1",
+            System::BdrPlain => "bdr no detect",
             System::Builtin => "built-in",
             System::BuiltinBinary => "built-in bin",
             System::Pglogical => "pglogical",
