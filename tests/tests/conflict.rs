@@ -384,3 +384,58 @@ fn handler_merges_both_versions_the_same_way_on_both_nodes() {
         "last_update_wins|true"
     );
 }
+
+#[test]
+fn every_pair_converges_on_three_nodes() {
+    let mut mesh = Mesh::new(&["a", "b", "c"], SCHEMA);
+    mesh.node("a")
+        .safe_psql("INSERT INTO t VALUES (10, 'seed'), (20, 'seed'), (30, 'seed')");
+    mesh.wait_for_catchup();
+    // a and b apply nothing while b, then a write the same rows; c keeps
+    // applying, so it meets both versions in whatever order they come.
+    mesh.applier("a").stop();
+    mesh.applier("b").stop();
+    mesh.node("b").safe_psql(
+        "INSERT INTO t VALUES (1, 'b');
+         UPDATE t SET v = 'b' WHERE id = 10;
+         UPDATE t SET v = 'b' WHERE id = 20;
+         DELETE FROM t WHERE id = 30;
+         INSERT INTO u VALUES (1, 'x@example.org', 'b');
+         INSERT INTO u VALUES (11, 'm@example.org', 'b1'), (12, 'n@example.org', 'b2')",
+    );
+    mesh.node("a").safe_psql(
+        "INSERT INTO t VALUES (1, 'a');
+         UPDATE t SET v = 'a' WHERE id = 10;
+         DELETE FROM t WHERE id = 20;
+         DELETE FROM t WHERE id = 30;
+         INSERT INTO u VALUES (2, 'x@example.org', 'a');
+         INSERT INTO u VALUES (11, 'n@example.org', 'a')",
+    );
+    mesh.applier("a").restart();
+    mesh.applier("b").restart();
+    mesh.wait_for_catchup();
+    // a's commit is the later one: its versions win, the delete wins
+    // over the update, and the rows holding a's unique keys are gone.
+    assert_eq!(
+        mesh.assert_same("SELECT id, v FROM t ORDER BY id"),
+        "1|a\n10|a"
+    );
+    assert_eq!(
+        mesh.assert_same("SELECT id, email, v FROM u ORDER BY id"),
+        "2|x@example.org|a\n11|n@example.org|a"
+    );
+    assert_eq!(
+        history(mesh.node("a")),
+        "insert_exists|keep_local\nupdate_origin_differs|keep_local\nupdate_missing|skip\n\
+         delete_missing|skip\ninsert_exists|keep_local\ninsert_exists|keep_local\n\
+         insert_exists|keep_local"
+    );
+    assert_eq!(
+        history(mesh.node("b")),
+        "insert_exists|apply_remote\nupdate_origin_differs|apply_remote\n\
+         delete_origin_differs|apply_remote\ndelete_missing|skip\ninsert_exists|apply_remote\n\
+         multiple_unique_conflicts|apply_remote"
+    );
+    let on_c = history(mesh.node("c"));
+    assert!(on_c.lines().count() >= 4, "c met both versions:\n{on_c}");
+}
