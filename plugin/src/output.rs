@@ -4,7 +4,8 @@
 //! PostgreSQL looks up `_PG_output_plugin_init` by name when a slot
 //! created with the `bdr` plugin starts decoding (logical.c,
 //! LoadOutputPlugin). Output is binary: protocol messages as defined by
-//! the `bdr-protocol` crate, one message per write.
+//! the `bdr-protocol` crate, a transaction's messages in one write (see
+//! [`Stream`]).
 //!
 //! Origin filtering: by default a stream carries only the changes made on
 //! this node; changes that an applier (or any other replication origin)

@@ -18,9 +18,13 @@
 //! - BEGIN is written lazily, before the transaction's first message, so a
 //!   transaction with nothing to send (catalog-only, or all of its changes
 //!   filtered) produces no output, as in pgoutput.c.
-//! - Each message is one write (`OutputPluginPrepareWrite` /
-//!   `OutputPluginWrite`), encoded into a reusable buffer and appended to
-//!   `ctx->out` with one copy.
+//! - A transaction's messages are encoded one after the other into one
+//!   reusable buffer and written together (`OutputPluginPrepareWrite` /
+//!   `OutputPluginWrite`, one copy into `ctx->out`) at its COMMIT, or
+//!   whenever [`BATCH_BYTES`] have gathered: messages delimit themselves,
+//!   so a write holds any number of them, and a small transaction costs
+//!   the walsender one write instead of one per message. A
+//!   non-transactional MESSAGE is written at once.
 //! - Everything a change allocates in PostgreSQL (detoasted values, send
 //!   and output function results, names) lives in `change_cxt`, which is
 //!   reset after every change, so memory does not grow with the size of a
@@ -45,6 +49,10 @@ use crate::startup::{self, Agreed};
 /// Buffers larger than this are shrunk after use, so one huge row does
 /// not pin its size for the rest of the stream.
 const MAX_KEPT_BUFFER: usize = 1 << 20;
+
+/// Encoded messages are written once they reach this size, even before
+/// their transaction's COMMIT.
+const BATCH_BYTES: usize = 64 << 10;
 
 /// The per-stream state, in `ctx->output_plugin_private`.
 #[derive(Debug)]
@@ -133,8 +141,20 @@ impl Stream {
         self.relations.deactivate();
     }
 
-    /// Writes `self.buf` as one message to the client.
+    /// A message is complete in `self.buf`: written out once the batch is
+    /// large enough.
+    unsafe fn end_message(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) {
+        if self.buf.len() >= BATCH_BYTES {
+            // SAFETY: per the caller.
+            unsafe { self.flush(ctx) };
+        }
+    }
+
+    /// Writes the messages in `self.buf` to the client, if any.
     unsafe fn flush(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) {
+        if self.buf.is_empty() {
+            return;
+        }
         let len = i32::try_from(self.buf.len()).unwrap_or_else(|_| {
             pg::raise(
                 PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
@@ -172,7 +192,7 @@ impl Stream {
         };
         write_startup(&mut self.buf, &startup);
         // SAFETY: per the caller.
-        unsafe { self.flush(ctx) };
+        unsafe { self.end_message(ctx) };
         self.startup_sent = true;
     }
 
@@ -214,7 +234,7 @@ impl Stream {
         };
         write_begin(&mut self.buf, &begin);
         // SAFETY: per the caller.
-        unsafe { self.flush(ctx) };
+        unsafe { self.end_message(ctx) };
         self.begin_sent = true;
     }
 
@@ -292,7 +312,7 @@ impl Stream {
                 self.buf.extend_from_slice(bytes);
             }
             // SAFETY: per the caller.
-            unsafe { self.flush(ctx) };
+            unsafe { self.end_message(ctx) };
         }
         entry
     }
@@ -347,7 +367,7 @@ impl Stream {
                     self.tuple(entry, desc, old);
                 }
             }
-            self.flush(ctx);
+            self.end_message(ctx);
             pg::switch_to(previous);
             pg_sys::MemoryContextReset(self.change_cxt);
         }
@@ -421,7 +441,7 @@ impl Stream {
             let flags = (*change).data.truncate;
             write_truncate(&mut self.buf, flags.cascade, flags.restart_seqs, &rel_ids);
             self.rel_ids = rel_ids;
-            self.flush(ctx);
+            self.end_message(ctx);
             pg::switch_to(previous);
             pg_sys::MemoryContextReset(self.change_cxt);
         }
@@ -455,7 +475,13 @@ impl Stream {
             },
         );
         // SAFETY: per the caller.
-        unsafe { self.flush(ctx) };
+        unsafe {
+            if transactional {
+                self.end_message(ctx);
+            } else {
+                self.flush(ctx);
+            }
+        }
     }
 }
 

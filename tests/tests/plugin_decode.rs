@@ -154,6 +154,12 @@ fn transaction_shapes() {
     let shape = outline(&messages);
     assert!(shape.starts_with("SBRIICB"), "{}", &shape[..20]);
     assert_eq!(shape.len(), 7 + 20_000 + 1);
+    // A small transaction is one write; the large one is split into
+    // writes of about 64 kB, each of whole messages.
+    let grouped = frame_outline(&frames);
+    assert!(grouped.starts_with("SBRIIC|BI"), "{}", &grouped[..20]);
+    assert!(frames.len() > 20, "{} writes", frames.len());
+    assert!(frames.iter().all(|f| f.len() < (64 << 10) + 1024));
     let ids: Vec<String> = messages
         .iter()
         .filter_map(|m| match m {

@@ -71,20 +71,29 @@ pub fn peek(node: &Node, slot: &str, options: &[(String, String)]) -> Vec<Vec<u8
     try_peek(node, slot, options).unwrap_or_else(|e| panic!("peeking slot {slot}: {e}"))
 }
 
-/// Decodes every frame; each frame must hold exactly one message.
+/// Decodes every frame into its messages, in order; a frame must hold
+/// whole messages only.
 pub fn decode(frames: &[Vec<u8>]) -> Vec<Message<'_>> {
     frames
         .iter()
-        .map(|frame| {
-            let mut messages = Messages::new(frame);
-            let message = messages
-                .next()
-                .expect("a frame holds a message")
-                .unwrap_or_else(|e| panic!("malformed frame {frame:?}: {e}"));
-            assert!(messages.next().is_none(), "one message per frame");
-            message
+        .flat_map(|frame| {
+            let messages: Vec<Message<'_>> = Messages::new(frame)
+                .map(|m| m.unwrap_or_else(|e| panic!("malformed frame {frame:?}: {e}")))
+                .collect();
+            assert!(!messages.is_empty(), "an empty frame");
+            messages
         })
         .collect()
+}
+
+/// The outline of each frame, `|` between frames (`SBRIIC|BUC`): how the
+/// plugin grouped messages into writes.
+pub fn frame_outline(frames: &[Vec<u8>]) -> String {
+    frames
+        .iter()
+        .map(|f| outline(&decode(std::slice::from_ref(f))))
+        .collect::<Vec<_>>()
+        .join("|")
 }
 
 /// A one-letter-per-message outline of a stream (`SBRIC...`), for shape
