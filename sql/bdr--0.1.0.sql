@@ -15,6 +15,12 @@ CREATE FUNCTION bdr.local_node_id() RETURNS bigint
 COMMENT ON FUNCTION bdr.local_node_id() IS
     'this node''s id: FNV-1a 64 of the system identifier (8 bytes, big-endian) and the database OID (4 bytes, big-endian), as the 64 bits of a bigint';
 
+CREATE FUNCTION bdr.xact_origin(xid) RETURNS oid
+    LANGUAGE c STRICT STABLE PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'xact_origin';
+COMMENT ON FUNCTION bdr.xact_origin(xid) IS
+    'the replication origin of the transaction''s commit (0: local), NULL when unknown; (pg_xact_commit_timestamp_origin(xid)).roident without the record';
+
 -- Membership: the nodes of the group as this node knows them. bdr-applier
 -- streams from every active node other than itself, and watches this
 -- table for changes. Rows are written with `bdr-applier init` and

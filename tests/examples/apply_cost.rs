@@ -8,7 +8,9 @@
 //!     cargo run --release -p bdr-tests --example apply_cost
 //! ```
 //!
-//! and again with `BDR_APPLIER_BIN` pointing at another build to compare.
+//! and again with `BDR_APPLIER_BIN` pointing at another build to compare,
+//! or with `BDR_APPLY_DETECT_CONFLICTS=off` (inherited by the applier) for
+//! the cost of conflict detection.
 
 use std::time::Instant;
 
@@ -49,6 +51,16 @@ fn main() {
              END LOOP; END $$"
         ),
     );
+    // One transaction of ROWS rows (multi-row INSERTs).
+    let bulk = catch_up(
+        &mut mesh,
+        &format!(
+            "INSERT INTO t SELECT g, md5(g::text), g FROM generate_series({ROWS} + 1, 2 * {ROWS}) g"
+        ),
+    );
+    mesh.node("a")
+        .safe_psql(&format!("DELETE FROM t WHERE id > {ROWS}"));
+    mesh.wait_for_catchup_from("a");
     let deletes = catch_up(
         &mut mesh,
         &format!(
@@ -64,6 +76,6 @@ fn main() {
         "0"
     );
     eprintln!(
-        "apply rows/s (single-row transactions): insert {inserts:.0}, update {updates:.0}, delete {deletes:.0}"
+        "apply rows/s: single-row transactions: insert {inserts:.0}, update {updates:.0}, delete {deletes:.0}; one {ROWS}-row insert: {bulk:.0}"
     );
 }

@@ -147,3 +147,32 @@ fn poll_timeout_reports_what_it_last_saw() {
     );
     node.poll_query_until("SELECT 6 * 7", "42");
 }
+
+#[test]
+fn xact_origin_is_the_commit_timestamp_origin() {
+    let node = started("xorigin");
+    node.safe_psql("CREATE EXTENSION bdr");
+    node.safe_psql("CREATE TABLE o (id int PRIMARY KEY)");
+    node.safe_psql("INSERT INTO o VALUES (1)");
+    node.safe_psql("SELECT pg_replication_origin_create('bdr_00000000000000aa')");
+    node.safe_psql(
+        "SELECT pg_replication_origin_session_setup('bdr_00000000000000aa');
+         INSERT INTO o VALUES (2)",
+    );
+    assert_eq!(
+        node.safe_psql(
+            "SELECT string_agg(concat_ws(':', id, bdr.xact_origin(xmin),
+                                         (pg_xact_commit_timestamp_origin(xmin)).roident), ','
+                               ORDER BY id) FROM o"
+        ),
+        "1:0:0,2:1:1"
+    );
+    // Unknown: a frozen xid, and the current transaction's own.
+    assert_eq!(
+        node.safe_psql(
+            "SELECT bdr.xact_origin('2'::xid) IS NULL,
+                    bdr.xact_origin(pg_current_xact_id()::text::xid) IS NULL"
+        ),
+        "t|t"
+    );
+}

@@ -36,8 +36,16 @@
 //! each change's result before the next change runs. The outcome is the
 //! one of applying one statement at a time; only the round trips are
 //! fewer (see [`pipeline`]). Consecutive INSERTs into one table go out as
-//! multi-row INSERTs (up to [`RUN_ROWS`] rows); one whose count falls
-//! short is a conflict like any other and is applied again row by row.
+//! multi-row INSERTs (up to [`RUN_ROWS`] rows) without ON CONFLICT: one
+//! that hits a unique key fails, and the transaction is applied again one
+//! statement at a time, where each INSERT has its ON CONFLICT clause.
+//!
+//! Statements doomed by an earlier failure in the same transaction fail
+//! too ("current transaction is aborted"); so that a conflict does not
+//! fill the server log with such errors, a pipelining session sets
+//! `log_min_messages = log` (errors are logged by the applier, recorded
+//! in `bdr.conflict_history`, and logged by the server again when the
+//! replay meets them: it runs with the server's setting).
 //!
 //! One handler per message kind, dispatched from one `match`, like
 //! PostgreSQL's apply worker.
@@ -184,6 +192,9 @@ pub(crate) struct Applier {
     client: Arc<Client>,
     /// Whether statements are pipelined.
     pipelined: bool,
+    /// Whether the server's log of this session's errors is off while
+    /// pipelining (see the module documentation).
+    quiet: bool,
     pipe: Pipeline,
     /// Pipelined INSERTs waiting to go out as one statement.
     run: Option<InsertRun>,
@@ -227,10 +238,12 @@ impl Applier {
                 "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)",
             )
             .await?;
+        let quiet = pipelined && quiet_errors(&client, true).await;
         let mut origin_ids = HashMap::new();
         origin_ids.insert(ends.local, 0);
         Ok(Applier {
             client: Arc::new(client),
+            quiet,
             xact_setup,
             pipelined,
             pipe: Pipeline::default(),
@@ -460,10 +473,16 @@ impl Applier {
             self.client.batch_execute("ROLLBACK").await?;
             self.txn = None;
         }
+        if self.quiet {
+            quiet_errors(&self.client, false).await;
+        }
         for raw in &kept {
             if let Some(msg) = Messages::new(raw).next() {
                 self.dispatch(&msg?).await?;
             }
+        }
+        if self.quiet {
+            quiet_errors(&self.client, true).await;
         }
         if self.txn.is_some() {
             self.new_restart_point().await?;
@@ -778,6 +797,23 @@ fn require_key(rel: &MappedRelation) -> Result<(), ApplyError> {
         });
     }
     Ok(())
+}
+
+/// Turns the server's log of this session's errors off (`quiet`) or back
+/// to the server's setting; whether that worked (it needs superuser).
+async fn quiet_errors(client: &Client, quiet: bool) -> bool {
+    let sql = if quiet {
+        "SET log_min_messages = log"
+    } else {
+        "SET log_min_messages TO DEFAULT"
+    };
+    match client.batch_execute(sql).await {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(error = %e, "log_min_messages unchanged");
+            false
+        }
+    }
 }
 
 /// A prepared statement as a pipelined reply.

@@ -193,24 +193,21 @@ impl MappedRelation {
         Ok(self.insert.insert(s).clone())
     }
 
-    /// The INSERT of `rows` rows at once, prepared on first use.
+    /// The INSERT of `rows` rows at once, prepared on first use, for
+    /// pipelined apply: without ON CONFLICT, so a row that hits a unique
+    /// key fails the statement and the transaction is applied again one
+    /// statement at a time, where [`Self::insert`] detects the conflict.
+    /// A failed statement costs a replay; ON CONFLICT would cost every
+    /// INSERT a speculative insertion.
     pub(crate) async fn insert_rows(
         &mut self,
         client: &Client,
         rows: usize,
     ) -> Result<Statement, ApplyError> {
-        if rows == 1 {
-            return self.insert(client).await;
-        }
         if let Some(s) = self.insert_rows.get(&rows) {
             return Ok(s.clone());
         }
-        let sql = sql::insert_rows(
-            &self.table,
-            &self.names(0..self.columns.len()),
-            rows,
-            sql::detect_conflicts(),
-        );
+        let sql = sql::insert_rows(&self.table, &self.names(0..self.columns.len()), rows, false);
         let s = client.prepare(&sql).await?;
         self.insert_rows.insert(rows, s.clone());
         Ok(s)

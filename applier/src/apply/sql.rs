@@ -73,9 +73,7 @@ fn same_origin(alias: &str, param: usize, detect: bool) -> String {
         // The parameter is bound all the same.
         return format!("${param}::oid IS NOT NULL");
     }
-    format!(
-        "coalesce((pg_catalog.pg_xact_commit_timestamp_origin({alias}.xmin)).roident, ${param}::oid) = ${param}::oid"
-    )
+    format!("coalesce(bdr.xact_origin({alias}.xmin), ${param}::oid) = ${param}::oid")
 }
 
 /// `alias.c1 = $k AND alias.c2 = $k+1 ...`, numbering from `first`.
@@ -264,13 +262,13 @@ mod tests {
         assert_eq!(
             update(&t, &["id", "v"], &["id"], &[vec![0]], true),
             "UPDATE \"public\".\"t\" AS t SET \"id\" = $1, \"v\" = $2 WHERE t.\"id\" = $3 \
-             AND coalesce((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident, $4::oid) = $4::oid \
+             AND coalesce(bdr.xact_origin(t.xmin), $4::oid) = $4::oid \
              AND NOT EXISTS (SELECT 1 FROM \"public\".\"t\" AS u WHERE u.\"id\" = $1 AND u.ctid <> t.ctid)"
         );
         assert_eq!(
             delete(&t, &["a", "b"], true),
             "DELETE FROM \"public\".\"t\" AS t WHERE t.\"a\" = $1 AND t.\"b\" = $2 \
-             AND coalesce((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident, $3::oid) = $3::oid"
+             AND coalesce(bdr.xact_origin(t.xmin), $3::oid) = $3::oid"
         );
         // Without detection: by key alone, every parameter still used.
         assert_eq!(
