@@ -13,7 +13,10 @@ CREATE TABLE m (id int PRIMARY KEY, v text, n int);
 CREATE FUNCTION merge_m(kind bdr.conflict_type, l jsonb, r jsonb) RETURNS jsonb
     LANGUAGE sql IMMUTABLE
     AS $$ SELECT jsonb_build_object('id', l -> 'id', 'v', least(l ->> 'v', r ->> 'v'),
-                                    'n', greatest((l ->> 'n')::int, (r ->> 'n')::int)) $$;";
+                                    'n', greatest((l ->> 'n')::int, (r ->> 'n')::int)) $$;
+CREATE TABLE k (id int PRIMARY KEY, big text, n int);
+CREATE FUNCTION remote_k(kind bdr.conflict_type, l jsonb, r jsonb) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE AS $$ SELECT r $$;";
 
 /// The conflicts node `n` recorded: `type|resolution` per line, in order.
 fn history(n: &Node) -> String {
@@ -438,4 +441,33 @@ fn every_pair_converges_on_three_nodes() {
     );
     let on_c = history(mesh.node("c"));
     assert!(on_c.lines().count() >= 4, "c met both versions:\n{on_c}");
+}
+
+#[test]
+fn handler_rows_keep_the_columns_they_leave_out() {
+    // A large value stored out of line travels as "unchanged" in an UPDATE
+    // that does not touch it: the remote row the handler gets lacks it.
+    let mut mesh = pair(
+        "ALTER TABLE k ALTER COLUMN big SET STORAGE EXTERNAL;
+         INSERT INTO k VALUES (1, repeat('x', 10000), 0)",
+    );
+    for n in ["a", "b"] {
+        mesh.node(n).safe_psql(
+            "SELECT bdr.set_conflict_handler('k', 'remote_k(bdr.conflict_type, jsonb, jsonb)')",
+        );
+    }
+    concurrently(
+        &mut mesh,
+        "UPDATE k SET n = 1 WHERE id = 1",
+        "UPDATE k SET n = 2 WHERE id = 1",
+    );
+    // Each node took the other's n; big is kept on both.
+    assert_eq!(
+        mesh.node("a").safe_psql("SELECT n, length(big) FROM k"),
+        "2|10000"
+    );
+    assert_eq!(
+        mesh.node("b").safe_psql("SELECT n, length(big) FROM k"),
+        "1|10000"
+    );
 }

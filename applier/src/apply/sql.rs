@@ -185,15 +185,16 @@ pub(crate) fn update_by_ctid(table: &str, set: &[&str]) -> String {
 }
 
 /// Writes a row given as json (a conflict handler's answer) over the row
-/// at `tableoid = $2`, `ctid = $3`: `UPDATE table SET (c1, ...) = (SELECT
-/// r.c1, ... FROM jsonb_populate_record(NULL::table, $1) AS r) WHERE ...`.
-/// Keys the json lacks become NULL, as `jsonb_populate_record` makes them.
+/// at `tableoid = $2`, `ctid = $3`: `UPDATE table AS t SET (c1, ...) =
+/// (SELECT r.c1, ... FROM jsonb_populate_record(t, $1) AS r) WHERE ...`.
+/// Populating the local row itself, columns the json leaves out (such as
+/// unchanged TOAST values the remote row did not carry) keep their values.
 pub(crate) fn update_from_json(table: &str, columns: &[&str]) -> String {
     let names: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let picked: Vec<String> = names.iter().map(|n| format!("r.{n}")).collect();
     format!(
-        "UPDATE {table} SET ({}) = (SELECT {} FROM pg_catalog.jsonb_populate_record(NULL::{table}, $1::text::jsonb) AS r) \
-         WHERE tableoid = $2::oid AND ctid = $3::tid",
+        "UPDATE {table} AS t SET ({}) = (SELECT {} FROM pg_catalog.jsonb_populate_record(t, $1::text::jsonb) AS r) \
+         WHERE t.tableoid = $2::oid AND t.ctid = $3::tid",
         names.join(", "),
         picked.join(", ")
     )
@@ -241,9 +242,9 @@ mod tests {
     fn handler_rows_are_written_by_address() {
         assert_eq!(
             update_from_json("\"s\".\"t\"", &["id", "v"]),
-            "UPDATE \"s\".\"t\" SET (\"id\", \"v\") = (SELECT r.\"id\", r.\"v\" \
-             FROM pg_catalog.jsonb_populate_record(NULL::\"s\".\"t\", $1::text::jsonb) AS r) \
-             WHERE tableoid = $2::oid AND ctid = $3::tid"
+            "UPDATE \"s\".\"t\" AS t SET (\"id\", \"v\") = (SELECT r.\"id\", r.\"v\" \
+             FROM pg_catalog.jsonb_populate_record(t, $1::text::jsonb) AS r) \
+             WHERE t.tableoid = $2::oid AND t.ctid = $3::tid"
         );
     }
 
