@@ -8,7 +8,7 @@
 
 use bdr_tests::Node;
 
-use crate::pair::{Catchup, Kind, Pair};
+use crate::pair::{Catchup, Pair};
 use crate::report::{Report, System};
 use crate::{Sizes, pg};
 
@@ -23,23 +23,12 @@ pub fn run(
     sizes: &Sizes,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    prepare(pair, system)?;
+    pair.pause_as(system)?;
     small_transactions(pair, system, sizes, report)?;
-    prepare(pair, system)?;
+    pair.pause_as(system)?;
     one_big_transaction(pair, system, sizes, report)?;
-    prepare(pair, system)?;
+    pair.pause_as(system)?;
     many_bulk_transactions(pair, system, sizes, report)?;
-    Ok(())
-}
-
-/// Pauses the pair and, for the built-in pair, selects text or binary.
-fn prepare(pair: &mut Pair, system: System) -> anyhow::Result<()> {
-    pair.pause()?;
-    match pair.kind {
-        Kind::Builtin => pair.set_binary(system == System::BuiltinBinary),
-        Kind::Bdr => pair.set_applier_env(crate::applier_env(system)),
-        Kind::Pglogical => {}
-    }
     Ok(())
 }
 

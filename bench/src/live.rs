@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use crate::pair::{Kind, Pair};
+use crate::pair::Pair;
 use crate::report::{Report, System};
 use crate::{Sizes, pg};
 
@@ -48,15 +48,10 @@ pub fn run(pairs: &mut [Pair], sizes: &Sizes, report: &mut Report) -> anyhow::Re
     Ok(())
 }
 
-/// Pauses, picks text or binary for the built-in pair, resumes, and waits
-/// until the receiver streams and has applied everything so far.
+/// Pauses, sets the pair up to run as `system`, resumes, and waits until
+/// the receiver streams and has applied everything so far.
 fn select(pair: &mut Pair, system: System) -> anyhow::Result<()> {
-    pair.pause()?;
-    match pair.kind {
-        Kind::Builtin => pair.set_binary(system == System::BuiltinBinary),
-        Kind::Bdr => pair.set_applier_env(crate::applier_env(system)),
-        Kind::Pglogical => {}
-    }
+    pair.pause_as(system)?;
     pair.resume()?;
     let m = pair.write_marker();
     pair.wait_for_marker(m, crate::wait_limit())?;

@@ -198,15 +198,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The environment of the bdr applier for `system`.
-pub fn applier_env(system: System) -> &'static [(&'static str, &'static str)] {
-    match system {
-        System::BdrSerial => &[("BDR_APPLY_PIPELINE", "off")],
-        System::BdrPlain => &[("BDR_APPLY_DETECT_CONFLICTS", "off")],
-        _ => &[],
-    }
-}
-
 /// Which pair stands for which system: the built-in pair twice, with
 /// the subscription in text and in binary mode; the bdr pair three times:
 /// as it runs, applying one statement at a time, and without conflict

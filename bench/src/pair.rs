@@ -20,6 +20,7 @@ use anyhow::{Context, bail};
 use bdr_tests::{ApplierProcess, Node, applier_command};
 
 use crate::pg;
+use crate::report::System;
 
 /// Tables both sides of every pair hold, beside pgbench's.
 const SCHEMA: &str = "\
@@ -81,7 +82,7 @@ pub struct Pair {
     poll: postgres::Client,
     next_marker: i32,
     paused: bool,
-    /// bdr only: the applier's environment (see `set_applier_env`).
+    /// bdr only: the applier's environment (see `pause_as`).
     applier_env: &'static [(&'static str, &'static str)],
     pub origin: Node,
     pub receiver: Node,
@@ -307,18 +308,28 @@ impl Pair {
         Ok(())
     }
 
-    /// bdr only: the applier's environment from the next resume on.
-    pub fn set_applier_env(&mut self, env: &'static [(&'static str, &'static str)]) {
-        assert_eq!(self.kind, Kind::Bdr);
-        self.applier_env = env;
-    }
-
-    /// Built-in only: the subscription's `binary` option (while paused).
-    pub fn set_binary(&mut self, binary: bool) {
-        assert_eq!(self.kind, Kind::Builtin);
-        self.receiver.safe_psql(&format!(
-            "ALTER SUBSCRIPTION bench_sub SET (binary = {binary})"
-        ));
+    /// Pauses the pair and sets it up to run as `system` from the next
+    /// resume on: the built-in subscription's `binary` option, the bdr
+    /// applier's environment.
+    pub fn pause_as(&mut self, system: System) -> anyhow::Result<()> {
+        self.pause()?;
+        match self.kind {
+            Kind::Builtin => {
+                let binary = system == System::BuiltinBinary;
+                self.receiver.safe_psql(&format!(
+                    "ALTER SUBSCRIPTION bench_sub SET (binary = {binary})"
+                ));
+            }
+            Kind::Bdr => {
+                self.applier_env = match system {
+                    System::BdrSerial => &[("BDR_APPLY_PIPELINE", "off")],
+                    System::BdrPlain => &[("BDR_APPLY_DETECT_CONFLICTS", "off")],
+                    _ => &[],
+                }
+            }
+            Kind::Pglogical => {}
+        }
+        Ok(())
     }
 
     /// Commits a marker row on the origin; returns its id.

@@ -84,16 +84,8 @@ impl Mesh {
     /// written so far.
     pub fn wait_for_catchup_from(&self, from: &str) {
         let source = self.node(from);
-        let lsn = source.safe_psql("SELECT pg_current_wal_lsn()");
         for to in self.nodes.iter().filter(|n| n.name() != from) {
-            source.poll_query_until(
-                &format!(
-                    "SELECT coalesce(bool_and(replay_lsn >= '{lsn}'), false)
-                       FROM pg_stat_replication WHERE application_name = '{}'",
-                    to.name()
-                ),
-                "t",
-            );
+            source.wait_until_applied_by(to.name());
         }
     }
 

@@ -377,6 +377,19 @@ impl Node {
         }
     }
 
+    /// Waits until the node named `to` has applied (reported as replayed
+    /// to this node's walsender) everything this node has written so far.
+    pub fn wait_until_applied_by(&self, to: &str) {
+        let lsn = self.safe_psql("SELECT pg_current_wal_lsn()");
+        self.poll_query_until(
+            &format!(
+                "SELECT coalesce(bool_and(replay_lsn >= '{lsn}'), false)
+                   FROM pg_stat_replication WHERE application_name = '{to}'"
+            ),
+            "t",
+        );
+    }
+
     /// The current size of the server log, to pass to
     /// [`Node::wait_for_log`] so that it only looks at newer lines.
     pub fn log_position(&self) -> u64 {

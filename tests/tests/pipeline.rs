@@ -29,19 +29,6 @@ fn node(name: &str) -> Node {
     n
 }
 
-/// Waits until `to` has applied everything `from` wrote so far.
-fn wait_for_catchup(from: &Node, to: &Node) {
-    let lsn = from.safe_psql("SELECT pg_current_wal_lsn()");
-    from.poll_query_until(
-        &format!(
-            "SELECT coalesce(bool_and(replay_lsn >= '{lsn}'), false)
-               FROM pg_stat_replication WHERE application_name = '{}'",
-            to.name()
-        ),
-        "t",
-    );
-}
-
 #[test]
 fn pipelined_apply_matches_one_statement_at_a_time() {
     let a = node("a");
@@ -105,8 +92,8 @@ fn pipelined_apply_matches_one_statement_at_a_time() {
          COMMIT",
     );
     a.safe_psql("UPDATE t SET v = 'last' WHERE id = 30500");
-    wait_for_catchup(&a, &b);
-    wait_for_catchup(&a, &c);
+    a.wait_until_applied_by("b");
+    a.wait_until_applied_by("c");
 
     let rows = "SELECT count(*), md5(string_agg(id || ':' || v, ',' ORDER BY id)) FROM t";
     assert_eq!(

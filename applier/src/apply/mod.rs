@@ -207,9 +207,6 @@ pub(crate) struct Applier {
     origin_ids: HashMap<NodeId, u32>,
 }
 
-/// The restart point inside a large transaction.
-const SAVEPOINT: &str = "bdr_restart";
-
 /// The most rows one multi-row INSERT carries (a power of two).
 const RUN_ROWS: usize = 64;
 
@@ -433,11 +430,6 @@ impl Applier {
         Box::pin(async move { client.batch_execute(sql).await.map(|()| 0) })
     }
 
-    /// A prepared statement as a pipelined reply.
-    fn execute(&self, stmt: Statement, params: Vec<Param<'static>>) -> Reply {
-        execute(&self.client, stmt, params)
-    }
-
     /// Everything so far is checked: a savepoint becomes the restart
     /// point, and the messages kept so far are dropped.
     async fn new_restart_point(&mut self) -> Result<(), ApplyError> {
@@ -446,7 +438,6 @@ impl Applier {
         } else {
             "SAVEPOINT bdr_restart"
         };
-        debug_assert!(sql.ends_with(SAVEPOINT));
         self.client.batch_execute(sql).await?;
         self.pipe.savepoint();
         Ok(())
@@ -563,7 +554,7 @@ impl Applier {
         let origin = Param::four_bytes(remote.roident);
         let params = shared(u.new.iter().chain(&u.key).chain([&origin]), frame);
         let stmt = rel.update(&self.client, &u.set, u.key_changes).await?;
-        let reply = self.execute(stmt, params);
+        let reply = execute(&self.client, stmt, params);
         self.pipe.push(reply, Expect::Rows(1))
     }
 
@@ -574,7 +565,7 @@ impl Applier {
         let origin = Param::four_bytes(remote.roident);
         let params = shared(key.iter().chain([&origin]), frame);
         let stmt = rel.delete(&self.client).await?;
-        let reply = self.execute(stmt, params);
+        let reply = execute(&self.client, stmt, params);
         self.pipe.push(reply, Expect::Rows(1))
     }
 
@@ -664,7 +655,7 @@ impl Applier {
             Param::eight_bytes(commit_time as u64),
         ];
         [
-            self.execute(self.xact_setup.clone(), params),
+            execute(&self.client, self.xact_setup.clone(), params),
             self.simple("COMMIT"),
         ]
     }

@@ -246,8 +246,7 @@ pub(crate) async fn insert_conflict(
     let all: Vec<usize> = (0..rel.columns.len()).collect();
     // Without ON CONFLICT: once no row holds one of its keys, the INSERT
     // either succeeds or fails with the database's own message.
-    let plain = sql::insert(&rel.table, &rel.names(all.iter().copied()))
-        .replace(" ON CONFLICT DO NOTHING", "");
+    let plain = sql::insert_rows(&rel.table, &rel.names(all.iter().copied()), 1, false);
     let refs: Vec<&Param<'_>> = params.iter().collect();
     if hits.is_empty() {
         // A key this applier does not look up (partial or expression

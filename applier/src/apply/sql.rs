@@ -22,17 +22,11 @@ pub(crate) fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
-/// `INSERT INTO table (c1, c2) VALUES ($1, $2) ON CONFLICT DO NOTHING`:
-/// a row that hits any unique key is not inserted, and the count of 0
-/// sends the change down the conflict path.
-pub(crate) fn insert(table: &str, columns: &[&str]) -> String {
-    insert_rows(table, columns, 1, true)
-}
-
-/// The INSERT of `rows` rows at once: `VALUES ($1, $2), ($3, $4), ...`,
-/// the parameters row after row. A count below `rows` means some row hit
-/// a unique key: the rows are then applied again one by one. Without
-/// `detect` (see [`detect_conflicts`]) there is no ON CONFLICT clause.
+/// `INSERT INTO table (c1, c2) VALUES ($1, $2), ($3, $4), ... ON CONFLICT
+/// DO NOTHING`: `rows` rows, the parameters row after row. With ON
+/// CONFLICT (`detect`), a row that hits any unique key is not inserted and
+/// a count below `rows` sends the change down the conflict path; without
+/// it such a row fails the statement.
 pub(crate) fn insert_rows(table: &str, columns: &[&str], rows: usize, detect: bool) -> String {
     let names: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let width = columns.len();
@@ -252,7 +246,7 @@ mod tests {
     fn statements_bind_every_value() {
         let t = qualified("public", "t");
         assert_eq!(
-            insert(&t, &["id", "v"]),
+            insert_rows(&t, &["id", "v"], 1, true),
             "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ($1, $2) ON CONFLICT DO NOTHING"
         );
         assert_eq!(
