@@ -14,6 +14,7 @@
 use pgrx::prelude::*;
 
 mod datum;
+mod guard;
 mod inspect;
 mod node;
 mod output;
@@ -23,6 +24,12 @@ mod startup;
 mod stream;
 
 pgrx::pg_module_magic!();
+
+/// Library load: the settings and hooks of [`guard`].
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guard::init();
+}
 
 /// The extension's version, as installed by `CREATE EXTENSION bdr`.
 #[pg_extern]
