@@ -165,6 +165,13 @@ async fn record_apply_error(
     }
 }
 
+/// Whether pipelined apply also batches transactions (see
+/// `apply/batch.rs`): unless `BDR_APPLY_BATCH=off`, which the benchmark
+/// sets to measure pipelining alone.
+fn batching_enabled() -> bool {
+    std::env::var("BDR_APPLY_BATCH").map_or(true, |v| v != "off")
+}
+
 async fn connect_local(local: &LocalNode) -> Result<tokio_postgres::Client, SessionError> {
     let (client, conn) = local.config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
@@ -220,7 +227,8 @@ async fn session(
         peer: peer_id,
         peer_name: peer.name.as_str().into(),
     };
-    let applier = Applier::new(client, ends, local.apply_pipeline)
+    let batched = (local.apply_pipeline && batching_enabled()).then_some(&local.config);
+    let applier = Applier::new(client, ends, local.apply_pipeline, batched)
         .await
         .map_err(|source| SessionError::Apply {
             lsn: start,
@@ -282,8 +290,8 @@ impl Session {
                 },
                 // Replies to pipelined statements, above all the last
                 // COMMIT's once the stream goes quiet.
-                settled = self.applier.settle(), if self.applier.busy() => {
-                    settled.map_err(|source| SessionError::Apply {
+                settled = self.applier.next_settled(), if self.applier.busy() => {
+                    self.applier.on_settled(settled).await.map_err(|source| SessionError::Apply {
                         lsn: self.flushed,
                         txn: None,
                         source,

@@ -23,12 +23,12 @@ use crate::pair::Pair;
 use crate::report::{Report, System};
 use crate::{Sizes, pg};
 
-/// Runs 1b and then 3 once on every system (but bdr without detection).
+/// Runs 1b and then 3 once on every system (but the bdr variants for
+/// catch-up only).
 pub fn run(pairs: &mut [Pair], sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
-    // The comparison variant without conflict detection is for catch-up.
     let plan: Vec<(usize, System)> = crate::plan(pairs)
         .into_iter()
-        .filter(|(_, s)| *s != System::BdrPlain)
+        .filter(|(_, s)| !matches!(s, System::BdrPlain | System::BdrPipelined))
         .collect();
     let mut writer_rates = Vec::new();
     for &(i, system) in &plan {

@@ -199,9 +199,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Which pair stands for which system: the built-in pair twice, with
-/// the subscription in text and in binary mode; the bdr pair three times:
-/// as it runs, applying one statement at a time, and without conflict
-/// detection (catch-up only: these two are for comparison).
+/// the subscription in text and in binary mode; the bdr pair four times:
+/// as it runs, applying one statement at a time, pipelined without
+/// batches, and without conflict detection (the last two for catch-up
+/// only: they are for comparison).
 fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
     let mut out = Vec::new();
     for (i, pair) in pairs.iter().enumerate() {
@@ -209,6 +210,7 @@ fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
             Kind::Bdr => {
                 out.push((i, System::Bdr));
                 out.push((i, System::BdrSerial));
+                out.push((i, System::BdrPipelined));
                 out.push((i, System::BdrPlain));
             }
             Kind::Builtin => {

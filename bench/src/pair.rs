@@ -323,6 +323,7 @@ impl Pair {
             Kind::Bdr => {
                 self.applier_env = match system {
                     System::BdrSerial => &[("BDR_APPLY_PIPELINE", "off")],
+                    System::BdrPipelined => &[("BDR_APPLY_BATCH", "off")],
                     System::BdrPlain => &[("BDR_APPLY_DETECT_CONFLICTS", "off")],
                     _ => &[],
                 }

@@ -17,6 +17,9 @@ pub enum System {
     /// bdr applying one statement at a time (`BDR_APPLY_PIPELINE=off`):
     /// what pipelining buys, in the same run.
     BdrSerial,
+    /// bdr pipelining each transaction but not batching transactions
+    /// (`BDR_APPLY_BATCH=off`): what batching buys.
+    BdrPipelined,
     /// bdr without conflict detection in its statements
     /// (`BDR_APPLY_DETECT_CONFLICTS=off`): what detection costs.
     BdrPlain,
@@ -27,9 +30,10 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 7] = [
+    pub const ALL: [System; 8] = [
         System::Bdr,
         System::BdrSerial,
+        System::BdrPipelined,
         System::BdrPlain,
         System::Builtin,
         System::BuiltinBinary,
@@ -42,6 +46,7 @@ impl System {
         match self {
             System::Bdr => "bdr",
             System::BdrSerial => "bdr_serial",
+            System::BdrPipelined => "bdr_no_batch",
             System::BdrPlain => "bdr_no_detection",
             System::Builtin => "builtin",
             System::BuiltinBinary => "builtin_binary",
@@ -54,6 +59,7 @@ impl System {
         match self {
             System::Bdr => "bdr",
             System::BdrSerial => "bdr 1-by-1",
+            System::BdrPipelined => "bdr no batch",
             System::BdrPlain => "bdr no detect",
             System::Builtin => "built-in",
             System::BuiltinBinary => "built-in bin",

@@ -176,3 +176,47 @@ fn xact_origin_is_the_commit_timestamp_origin() {
         "t|t"
     );
 }
+
+#[test]
+fn apply_require_row_fails_client_changes_that_touch_no_row() {
+    use postgres::error::SqlState;
+    let node = started("guard");
+    node.safe_psql("CREATE TABLE g (id int PRIMARY KEY, v text); INSERT INTO g VALUES (1, 'x')");
+    let mut c = node.connect();
+    // Off by default.
+    assert_eq!(
+        c.execute("UPDATE g SET v = 'y' WHERE id = 2", &[]).unwrap(),
+        0
+    );
+    c.batch_execute("SET bdr.apply_require_row = on").unwrap();
+    assert_eq!(
+        c.execute("UPDATE g SET v = 'y' WHERE id = 1", &[]).unwrap(),
+        1
+    );
+    // Bind/Execute, as the applier sends them, and a simple query.
+    for sql in [
+        "UPDATE g SET v = 'y' WHERE id = 2",
+        "DELETE FROM g WHERE id = 2",
+    ] {
+        let e = c.execute(sql, &[]).unwrap_err();
+        assert_eq!(e.code(), Some(&SqlState::NO_DATA_FOUND), "{sql}: {e}");
+        let e = c.batch_execute(sql).unwrap_err();
+        assert_eq!(e.code(), Some(&SqlState::NO_DATA_FOUND), "{sql}: {e}");
+    }
+    // INSERTs, and statements run by functions, are not checked.
+    c.batch_execute("INSERT INTO g SELECT 3, 'z' WHERE false")
+        .unwrap();
+    c.batch_execute("DO $$ BEGIN UPDATE g SET v = 'w' WHERE id = 2; END $$")
+        .unwrap();
+    assert_eq!(
+        node.safe_psql("SELECT string_agg(id || v, ',') FROM g"),
+        "1y"
+    );
+    // Only a superuser sets it.
+    c.batch_execute("RESET bdr.apply_require_row; CREATE ROLE plain; SET ROLE plain")
+        .unwrap();
+    let e = c
+        .batch_execute("SET bdr.apply_require_row = on")
+        .unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e}");
+}

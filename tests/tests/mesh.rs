@@ -334,18 +334,39 @@ fn columns_are_matched_by_name_and_definition_changes_are_followed() {
 
 #[test]
 fn a_crash_between_local_commit_and_feedback_applies_nothing_twice() {
+    // Pipelined without batches, the applier stops committing right there.
+    let committed = crash_after_three_commits(&[("BDR_APPLY_BATCH", "off")]);
+    assert_eq!(committed, 3);
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_batch_applies_nothing_twice() {
+    // The server goes on with the batch already sent: what it commits
+    // after the third is committed, and must not be applied again.
+    let committed = crash_after_three_commits(&[]);
+    assert!((3..=5).contains(&committed), "{committed}");
+}
+
+/// Node a commits five transactions; b's applier (with `env`) aborts
+/// right after its third local commit is confirmed, before it tells a:
+/// b's origin is ahead of a's slot. Restarted, it resumes after what b
+/// committed, not at the slot. Returns how many b had committed.
+fn crash_after_three_commits(env: &[(&str, &str)]) -> u32 {
     let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
     mesh.applier("b").stop();
     for i in 0..5 {
         mesh.node("a")
             .safe_psql(&format!("INSERT INTO log VALUES ('a', 'tx {i}')"));
     }
-    // The applier aborts right after its third local commit, before it
-    // tells a: b's origin is ahead of a's slot.
-    mesh.applier("b")
-        .restart_with_env(&[("BDR_FAULT_ABORT_AFTER_COMMITS", "3")]);
+    let mut with_fault = env.to_vec();
+    with_fault.push(("BDR_FAULT_ABORT_AFTER_COMMITS", "3"));
+    mesh.applier("b").restart_with_env(&with_fault);
     assert!(!mesh.applier("b").wait_exit().success(), "aborted");
-    assert_eq!(mesh.node("b").safe_psql("SELECT count(*) FROM log"), "3");
+    let committed: u32 = mesh
+        .node("b")
+        .safe_psql("SELECT count(*) FROM log")
+        .parse()
+        .expect("a count");
     let origin_progress = mesh
         .node("b")
         .safe_psql("SELECT remote_lsn FROM pg_replication_origin_status");
@@ -353,11 +374,11 @@ fn a_crash_between_local_commit_and_feedback_applies_nothing_twice() {
         "SELECT confirmed_flush_lsn < '{origin_progress}' FROM pg_replication_slots"
     ));
     assert_eq!(confirmed, "t", "the peer had not heard of the last commit");
-    // Restarted, it resumes after the third transaction, not at the slot.
-    mesh.applier("b").restart();
+    mesh.applier("b").restart_with_env(env);
     mesh.wait_for_catchup();
     assert_eq!(
         mesh.assert_same("SELECT count(*), count(DISTINCT v) FROM log"),
         "5|5"
     );
+    committed
 }

@@ -1,11 +1,15 @@
-//! Pipelined apply has the outcome of applying one statement at a time.
+//! Batched and pipelined apply have the outcome of applying one statement
+//! at a time.
 //!
-//! Node a writes; b (pipelined, the default) and c (one statement at a
-//! time) stream from a only. Both start from the same local rows, some of
-//! which conflict with a's changes: inside runs of INSERTs, before and
-//! after UPDATEs and DELETEs of the same rows, on a secondary unique key,
-//! and after the savepoint of a large transaction. Afterwards b and c
-//! must hold the same rows and the same conflict history.
+//! Node a writes; b (batched and pipelined, the default), d (pipelined
+//! only) and c (one statement at a time) stream from a only. All start
+//! from the same local rows, some of which conflict with a's changes:
+//! inside runs of INSERTs, before and after UPDATEs and DELETEs of the same
+//! rows, on a secondary unique key, and after the savepoint of a large
+//! transaction. b is stopped while a writes, so it meets the changes as a
+//! backlog: batches of many transactions, with conflicts in their middle.
+//! Afterwards b, c and d must hold the same rows and the same conflict
+//! history.
 
 use bdr_tests::{ApplierProcess, Node, applier_command};
 
@@ -30,32 +34,34 @@ fn node(name: &str) -> Node {
 }
 
 #[test]
-fn pipelined_apply_matches_one_statement_at_a_time() {
+fn batched_and_pipelined_apply_match_one_statement_at_a_time() {
     let a = node("a");
     let b = node("b");
     let c = node("c");
-    for n in [&b, &c] {
+    let d = node("d");
+    for n in [&b, &c, &d] {
         n.safe_psql(LOCAL);
         applier_command(n, &["add-peer", "a", &a.connstr()]);
     }
-    // b keeps few messages per restart point, so large transactions
-    // pass savepoints; both log their replays.
-    let mut pipelined = ApplierProcess::start(&b);
-    pipelined.stop();
-    pipelined.restart_with_env(&[
-        ("BDR_APPLY_CHUNK_BYTES", "20000"),
-        ("RUST_LOG", "info,bdr_applier=debug"),
-    ]);
+    // b and d keep few messages per restart point, so large transactions
+    // pass savepoints (and leave b's batches); they log their replays.
+    let small_chunks = ("BDR_APPLY_CHUNK_BYTES", "20000");
+    let debug = ("RUST_LOG", "info,bdr_applier=debug");
+    let mut batched = ApplierProcess::start(&b);
     let mut serial = ApplierProcess::start(&c);
     serial.stop();
     serial.restart_with_env(&[("BDR_APPLY_PIPELINE", "off")]);
+    let mut pipelined = ApplierProcess::start(&d);
+    pipelined.stop();
+    pipelined.restart_with_env(&[small_chunks, debug, ("BDR_APPLY_BATCH", "off")]);
     // Their slots exist once they stream: a's changes from here on reach
-    // both.
+    // all three.
     a.poll_query_until(
         "SELECT count(DISTINCT application_name) FROM pg_stat_replication
           WHERE state = 'streaming'",
-        "2",
+        "3",
     );
+    batched.stop();
 
     // A run of INSERTs with conflicting rows in its middle.
     a.safe_psql("INSERT INTO t SELECT g, 'a' FROM generate_series(1, 2000) g");
@@ -92,26 +98,37 @@ fn pipelined_apply_matches_one_statement_at_a_time() {
          COMMIT",
     );
     a.safe_psql("UPDATE t SET v = 'last' WHERE id = 30500");
-    a.wait_until_applied_by("b");
-    a.wait_until_applied_by("c");
+    batched.restart_with_env(&[small_chunks, debug]);
+    for n in ["b", "c", "d"] {
+        a.wait_until_applied_by(n);
+    }
 
     let rows = "SELECT count(*), md5(string_agg(id || ':' || v, ',' ORDER BY id)) FROM t";
-    assert_eq!(
-        b.safe_psql(rows),
-        c.safe_psql(rows),
-        "b:\n{}\nc:\n{}",
-        pipelined.log(),
-        serial.log()
-    );
-    for table in ["u", "w"] {
-        let q = format!("SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM {table}");
-        assert_eq!(b.safe_psql(&q), c.safe_psql(&q), "table {table}");
-    }
     let history = "SELECT string_agg(concat_ws('|', conflict_type, resolution, relation, key,
                                                 local_row, remote_row), E'\\n' ORDER BY id)
                      FROM bdr.conflict_history";
-    let recorded = b.safe_psql(history);
-    assert_eq!(recorded, c.safe_psql(history));
+    let recorded = c.safe_psql(history);
+    for (n, applier) in [(&b, &batched), (&d, &pipelined)] {
+        assert_eq!(
+            n.safe_psql(rows),
+            c.safe_psql(rows),
+            "{}:\n{}\nc:\n{}",
+            n.name(),
+            applier.log(),
+            serial.log()
+        );
+        for table in ["u", "w"] {
+            let q = format!("SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM {table}");
+            assert_eq!(n.safe_psql(&q), c.safe_psql(&q), "table {table}");
+        }
+        assert_eq!(n.safe_psql(history), recorded, "history of {}", n.name());
+        // The statements doomed by a failed one do not each log an error.
+        let server_log = std::fs::read_to_string(n.log_file()).expect("server log");
+        assert!(
+            !server_log.contains("current transaction is aborted"),
+            "{server_log}"
+        );
+    }
     assert!(
         recorded.lines().count() >= 14,
         "expected the forced conflicts:\n{recorded}"
@@ -123,14 +140,20 @@ fn pipelined_apply_matches_one_statement_at_a_time() {
     let log = pipelined.log();
     assert!(
         log.contains("applying again one statement at a time"),
-        "b never replayed:\n{log}"
+        "d never replayed:\n{log}"
     );
-    // The statements doomed by a failed one do not each log an error.
-    let server_log = std::fs::read_to_string(b.log_file()).expect("b's server log");
+    // b met conflicts in the middle of batches and applied them again, and
+    // handed the large transactions over to pipelined apply.
+    let log = batched.log();
     assert!(
-        !server_log.contains("current transaction is aborted"),
-        "{server_log}"
+        log.contains("batch failed: applying again one statement at a time"),
+        "b never applied a batch again:\n{log}"
     );
-    pipelined.stop();
-    serial.stop();
+    assert!(
+        log.contains("handing the transaction over"),
+        "b never handed a transaction over:\n{log}"
+    );
+    for applier in [&mut batched, &mut pipelined, &mut serial] {
+        applier.stop();
+    }
 }

@@ -47,9 +47,14 @@
 //! in `bdr.conflict_history`, and logged by the server again when the
 //! replay meets them: it runs with the server's setting).
 //!
+//! Batched (the default with pipelining): whole transactions go out on a
+//! second session, many per round trip, and a failed one (with everything
+//! after it) is applied again on this session as above; see [`batch`].
+//!
 //! One handler per message kind, dispatched from one `match`, like
 //! PostgreSQL's apply worker.
 
+mod batch;
 mod conflict;
 mod param;
 mod pipeline;
@@ -57,6 +62,7 @@ mod record;
 mod relation;
 mod resolve;
 pub(crate) mod sql;
+mod wire;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -128,6 +134,10 @@ pub(crate) enum ApplyError {
         crate::describe_db_error(.0)
     )]
     CommitFailed(tokio_postgres::Error),
+    #[error("batched apply session: {0}")]
+    Wire(#[from] crate::stream::StreamError),
+    #[error("batched apply went wrong: {0}")]
+    Batch(String),
     #[error("a kept message no longer decodes: {0}")]
     Replay(#[from] DecodeError),
     #[error("{}", crate::describe_db_error(.0))]
@@ -155,6 +165,15 @@ impl ApplyError {
             _ => None,
         }
     }
+}
+
+/// A reply to what is in flight (see [`Applier::next_settled`]).
+pub(crate) struct Settled(Settling);
+
+enum Settling {
+    Pipe(Result<(), ApplyError>),
+    Batch(Result<wire::Event, ApplyError>),
+    Send,
 }
 
 /// The remote transaction being applied.
@@ -192,6 +211,8 @@ pub(crate) struct Applier {
     client: Arc<Client>,
     /// Whether statements are pipelined.
     pipelined: bool,
+    /// The batched apply session, when transactions are batched.
+    batch: Option<batch::Batch>,
     /// Whether the server's log of this session's errors is off while
     /// pipelining (see the module documentation).
     quiet: bool,
@@ -206,6 +227,11 @@ pub(crate) struct Applier {
     /// rows written by that node's transactions carry it.
     origin_ids: HashMap<NodeId, u32>,
 }
+
+/// Records the remote end LSN and commit time in the session's
+/// replication origin; the transaction's COMMIT follows.
+const XACT_SETUP: &str =
+    "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)";
 
 /// The most rows one multi-row INSERT carries (a power of two).
 const RUN_ROWS: usize = 64;
@@ -225,31 +251,40 @@ struct InsertRun {
 impl Applier {
     /// Wraps a connection already bound to the peer's replication origin
     /// (see [`crate::origin::bind_session`]).
+    /// With `batched`, the connection settings of a second session that
+    /// applies in batches (see [`batch`]), the first one taking over
+    /// around conflicts.
     pub(crate) async fn new(
         client: Client,
         ends: Endpoints,
         pipelined: bool,
+        batched: Option<&tokio_postgres::Config>,
     ) -> Result<Self, ApplyError> {
-        let xact_setup = client
-            .prepare(
-                "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)",
-            )
-            .await?;
+        let xact_setup = client.prepare(XACT_SETUP).await?;
         let quiet = pipelined && quiet_errors(&client, true).await;
         let mut origin_ids = HashMap::new();
         origin_ids.insert(ends.local, 0);
-        Ok(Applier {
+        let batch = match batched {
+            Some(config) => batch::Batch::open(config, crate::origin::name_for(ends.peer)).await?,
+            None => None,
+        };
+        let mut applier = Applier {
             client: Arc::new(client),
             quiet,
             xact_setup,
             pipelined,
+            batch,
             pipe: Pipeline::default(),
             run: None,
             relations: RelationMap::default(),
             txn: None,
             ends,
             origin_ids,
-        })
+        };
+        if applier.batch.is_some() {
+            applier.origin_to_wire().await?;
+        }
+        Ok(applier)
     }
 
     /// The local replication origin id of rows written by `node`'s
@@ -281,12 +316,15 @@ impl Applier {
     /// COMMIT among them may still be confirmed, see [`Self::take_confirmed`])
     /// and an open local transaction is rolled back.
     pub(crate) async fn reset(&mut self) -> Result<(), ApplyError> {
+        self.finish_batch().await;
         self.relations.clear();
         self.run = None;
         let drained = self.pipe.drain().await;
         self.pipe.clear();
-        // A failed commit leaves its transaction open (and aborted).
-        if self.txn.take().is_some() || self.pipe.poisoned() {
+        // A failed commit leaves its transaction open (and aborted). One
+        // open on the batched session ends with that session.
+        let on_wire = self.batch.as_ref().is_some_and(batch::Batch::on_wire);
+        if (self.txn.take().is_some() && !on_wire) || self.pipe.poisoned() {
             self.client.batch_execute("ROLLBACK").await?;
         }
         drained
@@ -298,15 +336,41 @@ impl Applier {
         self.pipe.take_confirmed()
     }
 
-    /// Whether statements are in flight.
+    /// Whether statements are in flight, or a batch waits to go out.
     pub(crate) fn busy(&self) -> bool {
-        self.pipe.busy()
+        self.pipe.busy() || self.batch.as_ref().is_some_and(batch::Batch::busy)
     }
 
-    /// Awaits the oldest statement in flight (cancel safe). An error is
-    /// a COMMIT that failed.
-    pub(crate) async fn settle(&mut self) -> Result<(), ApplyError> {
-        self.pipe.settle_one().await
+    /// Awaits the next reply to what is in flight (cancel safe); hand it
+    /// to [`Self::on_settled`].
+    pub(crate) async fn next_settled(&mut self) -> Settled {
+        if let Some(b) = self.batch.as_mut() {
+            if let Some(event) = b.next_event().await {
+                return Settled(Settling::Batch(event));
+            }
+            if b.busy() {
+                return Settled(Settling::Send);
+            }
+        }
+        Settled(Settling::Pipe(self.pipe.settle_one().await))
+    }
+
+    /// Acts on a reply: confirms a COMMIT, sends the next batch, applies a
+    /// failed batch again. An error is a COMMIT that failed or a session
+    /// that broke.
+    pub(crate) async fn on_settled(&mut self, settled: Settled) -> Result<(), ApplyError> {
+        match settled.0 {
+            Settling::Pipe(result) => result,
+            Settling::Batch(event) => {
+                // A failed batch is applied again here, conflicts and all.
+                let result = self.on_batch_event(event?).await;
+                self.stop_on_conflict(result).await
+            }
+            Settling::Send => match self.batch.as_mut() {
+                Some(b) => b.send_ready().await,
+                None => Ok(()),
+            },
+        }
     }
 
     /// The remote transaction being applied.
@@ -333,11 +397,17 @@ impl Applier {
         raw: Bytes,
         msg: &Message<'_>,
     ) -> Result<(), ApplyError> {
-        let result = if self.pipelined {
-            self.dispatch_pipelined(frame, raw, msg).await
+        let result = if self.batch.is_some() {
+            self.dispatch_batched(frame, raw, msg).await
         } else {
-            self.dispatch(msg).await
+            self.dispatch_other(frame, raw, msg).await
         };
+        self.stop_on_conflict(result).await
+    }
+
+    /// A conflict that stops apply rolls the transaction back and is
+    /// recorded on its own.
+    async fn stop_on_conflict(&mut self, result: Result<(), ApplyError>) -> Result<(), ApplyError> {
         match result {
             Err(ApplyError::ConflictStop(record)) => {
                 self.run = None;
@@ -350,6 +420,20 @@ impl Applier {
                 Err(ApplyError::ConflictStop(record))
             }
             other => other,
+        }
+    }
+
+    /// Applies one message on the first session, pipelined or not.
+    async fn dispatch_other(
+        &mut self,
+        frame: &Bytes,
+        raw: Bytes,
+        msg: &Message<'_>,
+    ) -> Result<(), ApplyError> {
+        if self.pipelined {
+            self.dispatch_pipelined(frame, raw, msg).await
+        } else {
+            self.dispatch(msg).await
         }
     }
 

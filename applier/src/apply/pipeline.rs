@@ -33,7 +33,7 @@ use super::ApplyError;
 /// use a small value to exercise savepoints with small transactions).
 pub(super) const CHUNK_BYTES: usize = 8 << 20;
 
-fn chunk_bytes() -> usize {
+pub(super) fn chunk_bytes() -> usize {
     static VALUE: OnceLock<usize> = OnceLock::new();
     *VALUE.get_or_init(|| {
         std::env::var("BDR_APPLY_CHUNK_BYTES")
@@ -204,6 +204,11 @@ impl Pipeline {
     pub(super) fn take_confirmed(&mut self) -> Option<(Lsn, u64)> {
         let lsn = self.confirmed.take()?;
         Some((lsn, std::mem::take(&mut self.confirmed_count)))
+    }
+
+    /// Marks that a COMMIT may have gone wrong: no later COMMIT counts.
+    pub(super) fn poison(&mut self) {
+        self.poisoned = true;
     }
 
     /// Whether a COMMIT failed.

@@ -48,6 +48,17 @@ SELECT ic.relname::text, array_agg(a.attname::text ORDER BY k.ord)
  GROUP BY ic.relname, i.indisprimary
  ORDER BY i.indisprimary DESC, ic.relname";
 
+/// A statement of the no-conflict path, by what it does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Shape {
+    /// A multi-row INSERT of this many rows, without ON CONFLICT.
+    InsertRows(usize),
+    /// The UPDATE setting the flagged columns; whether the key changes.
+    Update(Vec<bool>, bool),
+    /// The DELETE by key.
+    Delete,
+}
+
 /// One local unique index, by the positions of its columns among the
 /// remote columns.
 #[derive(Debug)]
@@ -92,6 +103,8 @@ pub(crate) struct MappedRelation {
     /// are set and whether the key changes.
     update_partial: HashMap<(Vec<bool>, bool), Statement>,
     delete: Option<Statement>,
+    /// Statement texts by shape, for the batched apply session.
+    texts: HashMap<Shape, std::sync::Arc<str>>,
 }
 
 impl MappedRelation {
@@ -171,6 +184,7 @@ impl MappedRelation {
             update_all: [None, None],
             update_partial: HashMap::new(),
             delete: None,
+            texts: HashMap::new(),
         })
     }
 
@@ -231,6 +245,43 @@ impl MappedRelation {
         if let Some(s) = cached {
             return Ok(s.clone());
         }
+        let sql = self.update_sql(set, key_changes);
+        let s = client.prepare(&sql).await?;
+        if all {
+            self.update_all[usize::from(key_changes)] = Some(s.clone());
+        } else {
+            self.update_partial
+                .insert((set.to_vec(), key_changes), s.clone());
+        }
+        Ok(s)
+    }
+
+    /// The SQL text of a statement of the no-conflict path, built on first
+    /// use (for the batched apply session, which prepares by text).
+    pub(crate) fn sql(&mut self, shape: Shape) -> std::sync::Arc<str> {
+        if let Some(s) = self.texts.get(&shape) {
+            return s.clone();
+        }
+        let detect = sql::detect_conflicts();
+        let text: std::sync::Arc<str> = match &shape {
+            Shape::InsertRows(rows) => sql::insert_rows(
+                &self.table,
+                &self.names(0..self.columns.len()),
+                *rows,
+                false,
+            ),
+            Shape::Update(set, key_changes) => self.update_sql(set, *key_changes),
+            Shape::Delete => {
+                sql::delete(&self.table, &self.names(self.key.iter().copied()), detect)
+            }
+        }
+        .into();
+        self.texts.insert(shape, text.clone());
+        text
+    }
+
+    /// The text of [`Self::update`]'s statement.
+    fn update_sql(&self, set: &[bool], key_changes: bool) -> String {
         let set_cols: Vec<usize> = (0..set.len()).filter(|i| set[*i]).collect();
         let set_names = self.names(set_cols.iter().copied());
         // Each unique key whose columns are all set, by positions in the
@@ -247,21 +298,13 @@ impl MappedRelation {
             })
             .collect();
         let detect = sql::detect_conflicts();
-        let sql = sql::update(
+        sql::update(
             &self.table,
             &set_names,
             &self.names(self.key.iter().copied()),
             if detect { &unique } else { &[] },
             detect,
-        );
-        let s = client.prepare(&sql).await?;
-        if all {
-            self.update_all[usize::from(key_changes)] = Some(s.clone());
-        } else {
-            self.update_partial
-                .insert((set.to_vec(), key_changes), s.clone());
-        }
-        Ok(s)
+        )
     }
 
     /// The DELETE by key, prepared on first use.

@@ -103,6 +103,24 @@ impl ReplicationClient {
     /// Connects with an already parsed configuration, trying each host in
     /// turn and returning the last error if none accepts.
     pub async fn connect_config(config: &Config) -> Result<Self, StreamError> {
+        Self::connect_mode(config, true).await
+    }
+
+    /// Connects with an already parsed configuration, as an ordinary
+    /// (not replication) session: for [`crate::apply`]'s batched apply,
+    /// which speaks the extended query protocol itself (see
+    /// [`Self::into_transport`]).
+    pub(crate) async fn connect_session(config: &Config) -> Result<Self, StreamError> {
+        Self::connect_mode(config, false).await
+    }
+
+    /// The connection's framing, for a caller that speaks the protocol
+    /// itself from here on.
+    pub(crate) fn into_transport(self) -> Transport {
+        self.transport
+    }
+
+    async fn connect_mode(config: &Config, replication: bool) -> Result<Self, StreamError> {
         if config.get_ssl_mode() == SslMode::Require {
             return Err(StreamError::Config(
                 "sslmode=require: TLS is not supported".into(),
@@ -114,7 +132,7 @@ impl ReplicationClient {
         let targets = targets(config)?;
         let mut last_err = StreamError::Config("no host to connect to".into());
         for (host, port) in &targets {
-            let attempt = Self::connect_host(config, user, host, *port);
+            let attempt = Self::connect_host(config, user, host, *port, replication);
             let result = match config.get_connect_timeout() {
                 Some(limit) => tokio::time::timeout(*limit, attempt)
                     .await
@@ -138,6 +156,7 @@ impl ReplicationClient {
         user: &str,
         host: &Host,
         port: u16,
+        replication: bool,
     ) -> Result<Self, StreamError> {
         let (transport, peer) = match host {
             Host::Tcp(name) => (Transport::tcp(name, port).await?, format!("{name}:{port}")),
@@ -153,27 +172,35 @@ impl ReplicationClient {
             backend_pid: None,
             has_streamed: false,
         };
-        client.startup(config, user).await?;
+        client.startup(config, user, replication).await?;
         info!(
+            replication,
             peer = %client.peer,
             user,
             server_version = client.parameter("server_version").unwrap_or("?"),
             backend_pid = client.backend_pid,
-            "replication connection ready"
+            "connection ready"
         );
         Ok(client)
     }
 
     /// Sends the startup message, authenticates, and waits for the first
     /// `ReadyForQuery` ("Start-up" in protocol-flow.html).
-    async fn startup(&mut self, config: &Config, user: &str) -> Result<(), StreamError> {
+    async fn startup(
+        &mut self,
+        config: &Config,
+        user: &str,
+        replication: bool,
+    ) -> Result<(), StreamError> {
         let dbname = config.get_dbname().unwrap_or(user);
         let mut params = vec![
             ("user", user),
             ("database", dbname),
-            ("replication", "database"),
             ("client_encoding", "UTF8"),
         ];
+        if replication {
+            params.push(("replication", "database"));
+        }
         if let Some(app) = config.get_application_name() {
             params.push(("application_name", app));
         }
@@ -493,7 +520,7 @@ fn decode_row(body: &DataRowBody) -> Result<Vec<Option<String>>, StreamError> {
         .map_err(|e| StreamError::protocol(format!("malformed DataRow: {e}")))
 }
 
-pub(super) fn db_error(fields: ErrorFields<'_>) -> DbError {
+pub(crate) fn db_error(fields: ErrorFields<'_>) -> DbError {
     let mut pairs = Vec::new();
     let mut fields = fields;
     // A malformed field list still yields whatever was readable before it.

@@ -135,7 +135,7 @@ impl StreamError {
         self.db_error().map(|db| db.code.as_str())
     }
 
-    pub(super) fn protocol(what: impl Into<String>) -> Self {
+    pub(crate) fn protocol(what: impl Into<String>) -> Self {
         StreamError::Protocol(what.into())
     }
 }

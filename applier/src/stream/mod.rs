@@ -37,10 +37,12 @@ mod error;
 mod lsn;
 mod message;
 mod replication;
-mod transport;
+pub(crate) mod transport;
 
+pub(crate) use conn::db_error as db_error_of;
 pub use conn::{CreateSlot, ReplicationClient, SlotInfo, SlotSnapshot, SystemIdentity};
 pub use error::{DbError, SQLSTATE_DUPLICATE_OBJECT, SQLSTATE_UNDEFINED_OBJECT, StreamError};
 pub use lsn::{Lsn, ParseLsnError};
 pub use message::ReplicationEvent;
+pub(crate) use message::quote_literal;
 pub use replication::ReplicationStream;

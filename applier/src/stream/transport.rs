@@ -16,7 +16,7 @@ use std::path::Path;
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::message::backend::Message;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::error::StreamError;
@@ -29,7 +29,7 @@ const MAX_MESSAGE_LEN: usize = 1 << 30;
 const READ_CHUNK: usize = 64 * 1024;
 
 /// A byte stream the client can talk over.
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
 
 /// A message received from the server.
@@ -41,7 +41,7 @@ pub(super) enum Backend {
 }
 
 /// A framed connection: the socket plus its read and write buffers.
-pub(super) struct Transport {
+pub(crate) struct Transport {
     sock: Box<dyn Socket>,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -112,38 +112,83 @@ impl Transport {
         }
     }
 
+    /// Splits the connection into a reader of backend messages (what was
+    /// already read stays in it) and the socket's writing half.
+    pub(crate) fn split(self) -> (Reader, WriteHalf<Box<dyn Socket>>) {
+        let (read, write) = tokio::io::split(self.sock);
+        (
+            Reader {
+                sock: read,
+                rbuf: self.rbuf,
+            },
+            write,
+        )
+    }
+
     /// Splits one complete message off the read buffer, if there is one.
     fn try_parse(&mut self) -> Result<Option<Backend>, StreamError> {
-        if self.rbuf.len() < 5 {
+        try_parse(&mut self.rbuf)
+    }
+}
+
+/// The reading half of a [`Transport`].
+pub(crate) struct Reader {
+    sock: ReadHalf<Box<dyn Socket>>,
+    rbuf: BytesMut,
+}
+
+impl Reader {
+    /// Receives the next complete message (`CopyBothResponse` is an error).
+    pub(crate) async fn recv(&mut self) -> Result<Message, StreamError> {
+        loop {
+            match try_parse(&mut self.rbuf)? {
+                Some(Backend::Message(msg)) => return Ok(msg),
+                Some(Backend::CopyBoth) => {
+                    return Err(StreamError::protocol("unexpected CopyBothResponse"));
+                }
+                None => {}
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            if self.sock.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(StreamError::ConnectionClosed);
+            }
+        }
+    }
+}
+
+/// Splits one complete message off `rbuf`, if there is one.
+fn try_parse(rbuf: &mut BytesMut) -> Result<Option<Backend>, StreamError> {
+    if rbuf.len() < 5 {
+        return Ok(None);
+    }
+    let tag = rbuf[0];
+    let len = u32::from_be_bytes([rbuf[1], rbuf[2], rbuf[3], rbuf[4]]);
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    if !(4..=MAX_MESSAGE_LEN).contains(&len) {
+        return Err(StreamError::protocol(format!(
+            "message {:?} has an invalid length {len}",
+            char::from(tag)
+        )));
+    }
+    if tag == COPY_BOTH_RESPONSE_TAG {
+        if rbuf.len() < len + 1 {
+            rbuf.reserve(len + 1 - rbuf.len());
             return Ok(None);
         }
-        let tag = self.rbuf[0];
-        let len = u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        if !(4..=MAX_MESSAGE_LEN).contains(&len) {
-            return Err(StreamError::protocol(format!(
-                "message {:?} has an invalid length {len}",
-                char::from(tag)
-            )));
-        }
-        if tag == COPY_BOTH_RESPONSE_TAG {
-            if self.rbuf.len() < len + 1 {
-                self.rbuf.reserve(len + 1 - self.rbuf.len());
-                return Ok(None);
-            }
-            let mut frame = self.rbuf.split_to(len + 1);
-            frame.advance(5);
-            parse_copy_both_response(&frame)?;
-            return Ok(Some(Backend::CopyBoth));
-        }
-        match Message::parse(&mut self.rbuf) {
-            Ok(Some(msg)) => Ok(Some(Backend::Message(msg))),
-            Ok(None) => Ok(None),
-            Err(e) => Err(StreamError::protocol(format!(
-                "cannot parse message {:?}: {e}",
-                char::from(tag)
-            ))),
-        }
+        let mut frame = rbuf.split_to(len + 1);
+        frame.advance(5);
+        parse_copy_both_response(&frame)?;
+        return Ok(Some(Backend::CopyBoth));
+    }
+    match Message::parse(rbuf) {
+        Ok(Some(msg)) => Ok(Some(Backend::Message(msg))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(StreamError::protocol(format!(
+            "cannot parse message {:?}: {e}",
+            char::from(tag)
+        ))),
     }
 }
 

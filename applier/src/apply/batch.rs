@@ -1,0 +1,664 @@
+//! Batched apply: many remote transactions per round trip.
+//!
+//! Pipelining (see [`super::pipeline`]) still waits, for every remote
+//! transaction, for the replies to its changes before sending its COMMIT,
+//! and tokio-postgres ends every statement with a Sync, each answered by
+//! the server with a write of its own. Batched apply sends whole
+//! transactions, COMMITs included, on a session of its own ([`Wire`]), with
+//! one Sync per batch:
+//!
+//! ```text
+//!  BEGIN; changes; origin set-up; COMMIT; BEGIN; ...; COMMIT; Sync
+//! ```
+//!
+//! A change that finds no row (or hits a conflict) cannot be looked at
+//! before its COMMIT goes out, so the server checks it: the session runs
+//! with `bdr.apply_require_row = on` (an UPDATE or DELETE that touched no
+//! row is an error), and multi-row INSERTs have no ON CONFLICT (a unique
+//! key hit is an error). After an error the server skips everything up to
+//! the Sync: the failed transaction and every later one in the batch do
+//! not commit. Once the batch's ReadyForQuery is in, those transactions
+//! are applied again, one statement at a time, through the conflict path
+//! on the applier's other session, and batching resumes at the next
+//! transaction. The replication origin (whose progress commits with each
+//! transaction) is bound to whichever session applies.
+//!
+//! One batch is in flight at a time: while the server works through it,
+//! the next one is encoded, and goes out when the first is answered. So
+//! a COMMIT that fails on its own (a deferred constraint), which ends its
+//! transaction block without leaving an aborted one behind, can never be
+//! followed by a later transaction committing: nothing later was sent.
+//!
+//! Messages are kept until their transaction's COMMIT is confirmed. A
+//! transaction whose kept messages grow past the chunk size of
+//! [`super::pipeline`] is handed over, before any of it was sent, to the
+//! pipelined path, which bounds memory with savepoints.
+
+use std::collections::VecDeque;
+
+use bdr_protocol::{Lsn, Message, Messages};
+use bytes::Bytes;
+use tracing::{debug, info, warn};
+
+use super::param::Param;
+use super::relation::Shape;
+use super::wire::{Event, Wire};
+use super::{Applier, ApplyError, InsertRun, bind_columns, delete_key, run_rows, update_values};
+
+/// What a statement's reply must show.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// Success.
+    Done,
+    /// A change: this many rows (fewer is an error raised by the server).
+    Rows(u64),
+    /// A COMMIT: success makes the stream durably applied up to this LSN.
+    Commit(Lsn),
+}
+
+/// A reply awaited.
+#[derive(Debug, Clone, Copy)]
+enum Tag {
+    /// A statement of transaction `seq`.
+    Stmt { seq: u64, kind: Kind },
+    /// The end of a batch.
+    Sync,
+}
+
+/// The messages of one remote transaction, kept until its COMMIT is
+/// confirmed.
+#[derive(Debug)]
+struct KeptTxn {
+    seq: u64,
+    messages: Vec<Bytes>,
+    bytes: usize,
+}
+
+/// The batched apply session and its bookkeeping.
+#[derive(Debug)]
+pub(super) struct Batch {
+    wire: Wire,
+    /// Replies awaited for what was written, in order.
+    sent: VecDeque<Tag>,
+    /// Replies the encoded, unwritten statements will bring.
+    unsent: Vec<Tag>,
+    /// Where the open transaction starts in the unwritten bytes and tags.
+    open_at: Option<(usize, usize)>,
+    /// A batch was written and its ReadyForQuery is not in yet.
+    in_flight: bool,
+    /// The first failure in the batch in flight: its transaction and why.
+    failed: Option<(u64, String)>,
+    /// Messages of the transactions not confirmed yet, oldest first.
+    kept: VecDeque<KeptTxn>,
+    next_seq: u64,
+    /// Whether the replication origin is bound to the batched session
+    /// (otherwise to the applier's other one, which applies meanwhile).
+    on_wire: bool,
+    origin: String,
+}
+
+/// Unwritten bytes after which the applier waits for the batch in flight
+/// before encoding more.
+const MAX_UNSENT: usize = 4 << 20;
+
+/// The error `bdr.apply_require_row` raises (no_data_found).
+const NO_ROW: &str = "P0002";
+
+impl Batch {
+    /// Opens the batched session and checks that it refuses a change that
+    /// touches no row; `None` (with a warning) when it does not, as with an
+    /// older bdr library.
+    pub(super) async fn open(
+        config: &tokio_postgres::Config,
+        origin: String,
+    ) -> Result<Option<Batch>, ApplyError> {
+        let mut wire = Wire::connect(config).await?;
+        wire.simple(
+            "SET session_replication_role = replica; SET synchronous_commit = local; \
+             SET bdr.apply_require_row = on",
+        )
+        .await?;
+        match wire.extended("DELETE FROM bdr.nodes WHERE false").await {
+            Err(crate::stream::StreamError::Db(e)) if e.code == NO_ROW => {}
+            other => {
+                warn!(
+                    result = ?other,
+                    "bdr.apply_require_row does not work here (is the bdr library up to date?): applying without batches"
+                );
+                return Ok(None);
+            }
+        }
+        // Conflicts fail statements on purpose: not worth a server log line.
+        if let Err(e) = wire.simple("SET log_min_messages = log").await {
+            debug!(error = %e, "log_min_messages unchanged");
+        }
+        Ok(Some(Batch {
+            wire,
+            sent: VecDeque::new(),
+            unsent: Vec::new(),
+            open_at: None,
+            in_flight: false,
+            failed: None,
+            kept: VecDeque::new(),
+            next_seq: 0,
+            on_wire: false,
+            origin,
+        }))
+    }
+
+    /// Whether replies are awaited or a batch is ready to go.
+    pub(super) fn busy(&self) -> bool {
+        self.in_flight || self.ready_to_send()
+    }
+
+    /// Whether complete transactions wait to be written.
+    fn ready_to_send(&self) -> bool {
+        match self.open_at {
+            Some((_, tags)) => tags > 0,
+            None => !self.unsent.is_empty(),
+        }
+    }
+
+    /// Whether the replication origin is bound to the batched session.
+    pub(super) fn on_wire(&self) -> bool {
+        self.on_wire
+    }
+
+    /// Writes the complete transactions waiting, unless a batch is in
+    /// flight.
+    pub(super) async fn send_ready(&mut self) -> Result<(), ApplyError> {
+        if self.in_flight || !self.ready_to_send() {
+            return Ok(());
+        }
+        self.send().await
+    }
+
+    /// The next reply (cancel safe); `None` when none is awaited.
+    pub(super) async fn next_event(&mut self) -> Option<Result<Event, ApplyError>> {
+        if !self.in_flight {
+            return None;
+        }
+        Some(self.wire.next_event().await.map_err(ApplyError::from))
+    }
+
+    fn open_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    fn keep(&mut self, raw: Bytes) {
+        if let Some(t) = self.kept.back_mut() {
+            t.bytes += raw.len();
+            t.messages.push(raw);
+        }
+    }
+
+    /// The bytes kept for the open transaction.
+    fn open_bytes(&self) -> usize {
+        match (self.open_at, self.kept.back()) {
+            (Some(_), Some(t)) => t.bytes,
+            _ => 0,
+        }
+    }
+
+    fn stmt(&mut self, sql: &str, params: &[Param<'_>], kind: Kind) -> Result<(), ApplyError> {
+        self.wire.execute(sql, params)?;
+        self.unsent.push(Tag::Stmt {
+            seq: self.open_seq(),
+            kind,
+        });
+        Ok(())
+    }
+
+    /// Writes the complete transactions encoded so far, with a Sync; the
+    /// open one stays behind.
+    async fn send(&mut self) -> Result<(), ApplyError> {
+        debug_assert!(!self.in_flight);
+        let (bytes, tags) = self
+            .open_at
+            .unwrap_or((self.wire.unsent(), self.unsent.len()));
+        if tags == 0 {
+            return Ok(());
+        }
+        let tail = self.wire.split_off(bytes);
+        let tail_tags = self.unsent.split_off(tags);
+        self.wire.sync();
+        self.wire.send().await?;
+        self.wire.restore(tail);
+        self.sent.extend(self.unsent.drain(..));
+        self.sent.push_back(Tag::Sync);
+        self.unsent = tail_tags;
+        if self.open_at.is_some() {
+            self.open_at = Some((0, 0));
+        }
+        self.in_flight = true;
+        Ok(())
+    }
+}
+
+impl Applier {
+    /// Batched apply of one message (see the module documentation).
+    pub(super) async fn dispatch_batched(
+        &mut self,
+        frame: &Bytes,
+        raw: Bytes,
+        msg: &Message<'_>,
+    ) -> Result<(), ApplyError> {
+        let b = self.batch.as_mut().expect("batched");
+        if !b.on_wire {
+            if !(matches!(msg, Message::Begin(_)) && self.txn.is_none()) {
+                return self.dispatch_other(frame, raw, msg).await;
+            }
+            self.origin_to_wire().await?;
+        }
+        let result = self.encode(frame, raw, msg).await;
+        let b = self.batch.as_mut().expect("batched");
+        match result {
+            // Applied again one statement at a time, where the error comes
+            // back with its context (or turns out to be a conflict).
+            Err(ApplyError::Wire(e)) => return Err(ApplyError::Wire(e)),
+            // Outside a transaction there is nothing to hand over.
+            Err(e) if b.open_at.is_none() => return Err(e),
+            Err(e) => {
+                debug!(error = %e, "cannot batch this transaction");
+                return self.hand_over(true).await;
+            }
+            Ok(()) => {}
+        }
+        if b.open_bytes() >= super::pipeline::chunk_bytes() {
+            return self.hand_over(false).await;
+        }
+        if !b.in_flight && b.ready_to_send() {
+            b.send().await?;
+        } else if b.wire.unsent() >= MAX_UNSENT {
+            // Until the batch in flight is answered and this one goes out.
+            while self
+                .batch
+                .as_ref()
+                .is_some_and(|b| b.in_flight && b.wire.unsent() >= MAX_UNSENT)
+            {
+                self.settle_batch_one().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes one message of a transaction into the batch.
+    async fn encode(
+        &mut self,
+        frame: &Bytes,
+        raw: Bytes,
+        msg: &Message<'_>,
+    ) -> Result<(), ApplyError> {
+        if let Message::Begin(m) = msg {
+            self.open_txn(m).await?;
+            let b = self.batch.as_mut().expect("batched");
+            b.kept.push_back(KeptTxn {
+                seq: b.next_seq,
+                bytes: raw.len(),
+                messages: vec![raw],
+            });
+            b.next_seq += 1;
+            b.open_at = Some((b.wire.unsent(), b.unsent.len()));
+            return b.stmt("BEGIN", &[], Kind::Done);
+        }
+        self.batch.as_mut().expect("batched").keep(raw);
+        if !matches!(msg, Message::Insert(_)) {
+            self.flush_batched_inserts()?;
+        }
+        match msg {
+            Message::Begin(_) => unreachable!(),
+            Message::Commit(m) => {
+                let Some(open) = self.txn.take() else {
+                    return Err(ApplyError::OutsideTransaction("COMMIT"));
+                };
+                let params = [
+                    Param::eight_bytes(m.end_lsn),
+                    Param::eight_bytes(open.commit_time as u64),
+                ];
+                let b = self.batch.as_mut().expect("batched");
+                b.stmt(super::XACT_SETUP, &params, Kind::Done)?;
+                b.stmt("COMMIT", &[], Kind::Commit(m.end_lsn))?;
+                b.open_at = None;
+                Ok(())
+            }
+            Message::Insert(m) => {
+                self.require_txn("INSERT")?;
+                if self.run.as_ref().is_some_and(|r| r.rel_id != m.rel_id) {
+                    self.flush_batched_inserts()?;
+                }
+                let rel = self.relations.get(m.rel_id)?;
+                let row = bind_columns(rel, &m.new, |_| true)?;
+                let most = run_rows(rel.columns.len());
+                let run = self.run.get_or_insert_with(|| InsertRun {
+                    rel_id: m.rel_id,
+                    rows: 0,
+                    params: Vec::with_capacity(row.len() * most),
+                });
+                run.params.extend(row.iter().map(|p| p.to_shared(frame)));
+                run.rows += 1;
+                if run.rows >= most {
+                    self.flush_batched_inserts()?;
+                }
+                Ok(())
+            }
+            Message::Update(m) => {
+                let remote = self.require_txn("UPDATE")?;
+                let rel = self.relations.get(m.rel_id)?;
+                let u = update_values(rel, m)?;
+                let origin = Param::four_bytes(remote.roident);
+                let sql = rel.sql(Shape::Update(u.set, u.key_changes));
+                let params: Vec<Param<'_>> =
+                    u.new.into_iter().chain(u.key).chain([origin]).collect();
+                let b = self.batch.as_mut().expect("batched");
+                b.stmt(&sql, &params, Kind::Rows(1))
+            }
+            Message::Delete(m) => {
+                let remote = self.require_txn("DELETE")?;
+                let rel = self.relations.get(m.rel_id)?;
+                let key = delete_key(rel, m)?;
+                let origin = Param::four_bytes(remote.roident);
+                let sql = rel.sql(Shape::Delete);
+                let params: Vec<Param<'_>> = key.into_iter().chain([origin]).collect();
+                let b = self.batch.as_mut().expect("batched");
+                b.stmt(&sql, &params, Kind::Rows(1))
+            }
+            Message::Truncate(m) => {
+                self.require_txn("TRUNCATE")?;
+                let sql = self.truncate_sql(m)?;
+                let b = self.batch.as_mut().expect("batched");
+                b.wire.execute_once(&sql)?;
+                let seq = b.open_seq();
+                b.unsent.push(Tag::Stmt {
+                    seq,
+                    kind: Kind::Done,
+                });
+                Ok(())
+            }
+            Message::Relation(m) => {
+                let mapped = super::relation::MappedRelation::map(&self.client, m).await?;
+                self.relations.define(m.rel_id, mapped);
+                Ok(())
+            }
+            Message::Logical(m) => {
+                self.handle_message(m);
+                Ok(())
+            }
+            Message::Startup(_) => Err(ApplyError::UnexpectedStartup),
+        }
+    }
+
+    /// Encodes the INSERTs held back (see [`Applier::flush_inserts`]).
+    fn flush_batched_inserts(&mut self) -> Result<(), ApplyError> {
+        let Some(run) = self.run.take() else {
+            return Ok(());
+        };
+        let rel = self.relations.get(run.rel_id)?;
+        let width = rel.columns.len();
+        let b = self.batch.as_mut().expect("batched");
+        let mut params = run.params.into_iter();
+        let mut left = run.rows;
+        while left > 0 {
+            let rows = 1 << left.ilog2();
+            let sql = rel.sql(Shape::InsertRows(rows));
+            let batch: Vec<Param<'static>> = params.by_ref().take(rows * width).collect();
+            b.stmt(&sql, &batch, Kind::Rows(rows as u64))?;
+            left -= rows;
+        }
+        Ok(())
+    }
+
+    /// Awaits one reply of the batch in flight and acts on it.
+    pub(super) async fn settle_batch_one(&mut self) -> Result<(), ApplyError> {
+        let b = self.batch.as_mut().expect("batched");
+        match b.next_event().await {
+            Some(event) => self.on_batch_event(event?).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Acts on one reply of the batch in flight: a confirmed COMMIT, a
+    /// failure (everything from its transaction on is applied again), the
+    /// end of the batch (the next one goes out).
+    pub(super) async fn on_batch_event(&mut self, event: Event) -> Result<(), ApplyError> {
+        let b = self.batch.as_mut().expect("batched");
+        match event {
+            Event::Complete(rows) => match b.sent.pop_front() {
+                Some(Tag::Stmt {
+                    kind: Kind::Rows(want),
+                    ..
+                }) if rows < want => {
+                    // bdr.apply_require_row was checked when the session
+                    // opened; a short count without an error means the
+                    // transaction may have committed without the change.
+                    self.pipe.poison();
+                    Err(ApplyError::Batch(format!(
+                        "a change touched {rows} of {want} rows without an error"
+                    )))
+                }
+                Some(Tag::Stmt {
+                    seq,
+                    kind: Kind::Commit(lsn),
+                }) => {
+                    while b.kept.front().is_some_and(|t| t.seq <= seq) {
+                        b.kept.pop_front();
+                    }
+                    self.pipe.confirm(lsn);
+                    Ok(())
+                }
+                Some(Tag::Stmt { .. }) => Ok(()),
+                Some(Tag::Sync) | None => Err(ApplyError::Batch(
+                    "a statement result arrived where none was expected".into(),
+                )),
+            },
+            Event::Error(e) => {
+                match b.sent.pop_front() {
+                    Some(Tag::Stmt { seq, .. }) => {
+                        if b.failed.is_none() {
+                            b.failed = Some((seq, e.to_string()));
+                        }
+                    }
+                    _ => {
+                        return Err(ApplyError::Batch(format!(
+                            "an error arrived where none was expected: {e}"
+                        )));
+                    }
+                }
+                // The server skips the rest of the batch.
+                while matches!(b.sent.front(), Some(Tag::Stmt { .. })) {
+                    b.sent.pop_front();
+                }
+                Ok(())
+            }
+            Event::Ready(status) => {
+                if !matches!(b.sent.pop_front(), Some(Tag::Sync)) {
+                    return Err(ApplyError::Batch(
+                        "the end of a batch arrived before its statements".into(),
+                    ));
+                }
+                b.in_flight = false;
+                if let Some((seq, why)) = b.failed.take() {
+                    return self.recover(seq, why, status).await;
+                }
+                if b.ready_to_send() {
+                    b.send().await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// After a failed batch: rolls back what the server left open and
+    /// applies every transaction from `seq` on again, one statement at a
+    /// time on the other session.
+    async fn recover(&mut self, seq: u64, why: String, status: u8) -> Result<(), ApplyError> {
+        let b = self.batch.as_mut().expect("batched");
+        // What was encoded since is applied again too, from its messages.
+        b.wire.truncate(0);
+        b.unsent.clear();
+        b.open_at = None;
+        if status != b'I' {
+            b.wire.simple("ROLLBACK").await?;
+        }
+        b.wire.forget_statements().await?;
+        let mut later: Vec<Bytes> = Vec::new();
+        let mut failed: Vec<Bytes> = Vec::new();
+        for t in b.kept.drain(..) {
+            if t.seq == seq {
+                failed = t.messages;
+            } else if t.seq > seq {
+                later.extend(t.messages);
+            }
+        }
+        debug!(
+            why,
+            messages = failed.len(),
+            later = later.len(),
+            "batch failed: applying again one statement at a time"
+        );
+        self.run = None;
+        self.txn = None;
+        self.origin_to_other().await?;
+        self.replay_messages(&failed, true).await?;
+        // The transactions after it go into batches again.
+        for raw in later {
+            let Some(msg) = Messages::new(&raw).next() else {
+                continue;
+            };
+            let msg = msg?;
+            Box::pin(self.dispatch_batched(&raw, raw.clone(), &msg)).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands the open transaction over to the other session: the complete
+    /// ones before it are sent and checked first, then its kept messages
+    /// are applied there (one statement at a time when `serial`, to bring
+    /// an error back with its context).
+    async fn hand_over(&mut self, serial: bool) -> Result<(), ApplyError> {
+        loop {
+            let Some(b) = self.batch.as_mut() else {
+                return Ok(());
+            };
+            if !b.on_wire {
+                // A failed batch was applied again, this transaction too.
+                return Ok(());
+            }
+            if b.in_flight {
+                self.settle_batch_one().await?;
+            } else if b.ready_to_send() {
+                b.send().await?;
+            } else {
+                break;
+            }
+        }
+        let b = self.batch.as_mut().expect("batched");
+        let Some(open) = b.kept.pop_back() else {
+            return Ok(());
+        };
+        debug!(
+            serial,
+            messages = open.messages.len(),
+            "handing the transaction over"
+        );
+        b.wire.truncate(0);
+        b.unsent.clear();
+        b.open_at = None;
+        self.run = None;
+        self.txn = None;
+        self.origin_to_other().await?;
+        self.replay_messages(&open.messages, serial).await
+    }
+
+    /// Applies `messages` on the other session: one statement at a time
+    /// when `serial`, else as that session applies (pipelined or not).
+    async fn replay_messages(
+        &mut self,
+        messages: &[Bytes],
+        serial: bool,
+    ) -> Result<(), ApplyError> {
+        for raw in messages {
+            let Some(msg) = Messages::new(raw).next() else {
+                continue;
+            };
+            let msg = msg?;
+            if serial {
+                self.dispatch(&msg).await?;
+            } else {
+                self.dispatch_other(raw, raw.clone(), &msg).await?;
+            }
+        }
+        if serial && self.pipelined && self.txn.is_some() {
+            // The rest of the transaction is pipelined: from a savepoint.
+            self.new_restart_point().await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the replication origin from the batched session to the other
+    /// one.
+    async fn origin_to_other(&mut self) -> Result<(), ApplyError> {
+        let b = self.batch.as_mut().expect("batched");
+        b.wire
+            .simple("SELECT pg_catalog.pg_replication_origin_session_reset()")
+            .await?;
+        b.on_wire = false;
+        self.client
+            .execute(
+                "SELECT pg_catalog.pg_replication_origin_session_setup($1)",
+                &[&b.origin],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Moves the replication origin to the batched session, once the other
+    /// one has nothing in flight.
+    pub(super) async fn origin_to_wire(&mut self) -> Result<(), ApplyError> {
+        self.pipe.drain().await?;
+        self.pipe.clear();
+        self.client
+            .batch_execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
+            .await?;
+        let b = self.batch.as_mut().expect("batched");
+        let setup = format!(
+            "SELECT pg_catalog.pg_replication_origin_session_setup({})",
+            crate::stream::quote_literal(&b.origin)?
+        );
+        b.wire.simple(&setup).await?;
+        b.on_wire = true;
+        Ok(())
+    }
+
+    /// Waits for the batch in flight (at the end of a session), so that
+    /// nothing commits behind the next session's back.
+    pub(super) async fn finish_batch(&mut self) {
+        while let Some(b) = self.batch.as_mut() {
+            if !b.in_flight {
+                break;
+            }
+            match b.wire.next_event().await {
+                Ok(Event::Ready(_)) => {
+                    b.in_flight = false;
+                    b.sent.clear();
+                }
+                Ok(Event::Complete(rows)) => {
+                    if let Some(Tag::Stmt {
+                        kind: Kind::Commit(lsn),
+                        ..
+                    }) = b.sent.pop_front()
+                    {
+                        let _ = rows;
+                        self.pipe.confirm(lsn);
+                    }
+                }
+                Ok(Event::Error(_)) => {
+                    b.sent.retain(|t| matches!(t, Tag::Sync));
+                }
+                Err(e) => {
+                    info!(error = %e, "batched apply session ended");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The batched apply connection: the extended query protocol spoken
+//! directly, so that many statements (and many transactions) go out
+//! before one Sync.
+//!
+//! tokio-postgres ends every statement with a Sync, and the server answers
+//! each Sync with ReadyForQuery and a write to the socket: with a few
+//! statements per remote transaction, those writes were the largest part
+//! of the server's work. Here the caller decides where the Syncs go.
+//!
+//! ```text
+//!  applier                                   local server
+//!  [Parse] Bind Execute ... Bind Execute Sync ──▶
+//!                       ◀── [ParseComplete] BindComplete CommandComplete ...
+//!                       ◀── (ErrorResponse: the rest is skipped up to the Sync)
+//!                       ◀── ReadyForQuery
+//! ```
+//!
+//! A reader task turns the replies into [`Event`]s; the writer is the
+//! caller. Reading on its own task means a large batch can be written
+//! while the server answers, without either side blocking on a full
+//! socket buffer.
+
+use std::collections::HashMap;
+
+use bytes::BytesMut;
+use postgres_protocol::IsNull;
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncWriteExt, WriteHalf};
+use tokio::sync::mpsc;
+use tokio_postgres::config::Config;
+use tokio_postgres::types::{ToSql, Type};
+use tracing::{debug, trace};
+
+use super::param::Param;
+use crate::stream::transport::Socket;
+use crate::stream::{DbError, ReplicationClient, StreamError};
+
+/// A reply that matters to the batch.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A statement finished: the rows it touched (0 for utility commands).
+    Complete(u64),
+    /// A statement failed; the server skips the rest up to the next Sync.
+    Error(DbError),
+    /// A Sync was reached; the transaction status (`I`dle, in a
+    /// `T`ransaction block, or in a `E`failed one).
+    Ready(u8),
+}
+
+/// One ordinary session on the local node, spoken to directly.
+pub(super) struct Wire {
+    /// Encoded, not yet written.
+    out: BytesMut,
+    writer: WriteHalf<Box<dyn Socket>>,
+    events: mpsc::UnboundedReceiver<Result<Event, StreamError>>,
+    /// Statement names by SQL text, for statements parsed on this session.
+    statements: HashMap<String, String>,
+    /// The reader task; it owns the socket's reading half, so the session
+    /// only closes once it stops.
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl std::fmt::Debug for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wire")
+            .field("unsent", &self.out.len())
+            .field("statements", &self.statements.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Wire {
+    /// Opens a session with `config` and starts its reader.
+    pub(super) async fn connect(config: &Config) -> Result<Wire, StreamError> {
+        let client = ReplicationClient::connect_session(config).await?;
+        let (mut reader, writer) = client.into_transport().split();
+        let (tx, events) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                let event = match reader.recv().await {
+                    Ok(msg) => match to_event(msg) {
+                        Some(event) => Ok(event),
+                        None => continue,
+                    },
+                    Err(e) => Err(e),
+                };
+                let end = event.is_err();
+                if tx.send(event).is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Wire {
+            out: BytesMut::with_capacity(64 * 1024),
+            writer,
+            events,
+            statements: HashMap::new(),
+            reader,
+        })
+    }
+
+    /// Bytes encoded and not yet written.
+    pub(super) fn unsent(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Takes the encoded bytes from `at` on out of the buffer.
+    pub(super) fn split_off(&mut self, at: usize) -> BytesMut {
+        self.out.split_off(at)
+    }
+
+    /// Puts bytes taken by [`Self::split_off`] back, after what is there.
+    pub(super) fn restore(&mut self, tail: BytesMut) {
+        self.out.unsplit(tail);
+    }
+
+    /// Drops the encoded bytes from `len` on (never written).
+    pub(super) fn truncate(&mut self, len: usize) {
+        self.out.truncate(len);
+    }
+
+    /// Encodes the execution of `sql` with `params` (binary, as the
+    /// statements of the other apply paths take them), parsing it first
+    /// if this session has not yet.
+    pub(super) fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<(), StreamError> {
+        let name = match self.statements.get(sql) {
+            Some(name) => name.clone(),
+            None => {
+                let name = format!("bdr_{}", self.statements.len());
+                frontend::parse(&name, sql, std::iter::empty(), &mut self.out)
+                    .map_err(StreamError::Io)?;
+                self.statements.insert(sql.to_owned(), name.clone());
+                name
+            }
+        };
+        self.bind_execute(&name, params)
+    }
+
+    /// Encodes the execution of a statement that is not kept (TRUNCATE).
+    pub(super) fn execute_once(&mut self, sql: &str) -> Result<(), StreamError> {
+        frontend::parse("", sql, std::iter::empty(), &mut self.out).map_err(StreamError::Io)?;
+        self.bind_execute("", &[])
+    }
+
+    fn bind_execute(&mut self, name: &str, params: &[Param<'_>]) -> Result<(), StreamError> {
+        let bound = frontend::bind(
+            "",
+            name,
+            std::iter::once(1),
+            params,
+            |p, buf| match p.to_sql(&Type::ANY, buf)? {
+                tokio_postgres::types::IsNull::Yes => Ok(IsNull::Yes),
+                tokio_postgres::types::IsNull::No => Ok(IsNull::No),
+            },
+            std::iter::empty(),
+            &mut self.out,
+        );
+        match bound {
+            Ok(()) => {}
+            Err(frontend::BindError::Conversion(e)) => {
+                return Err(StreamError::protocol(format!("binding a value: {e}")));
+            }
+            Err(frontend::BindError::Serialization(e)) => return Err(StreamError::Io(e)),
+        }
+        frontend::execute("", 0, &mut self.out).map_err(StreamError::Io)
+    }
+
+    /// Encodes a Sync.
+    pub(super) fn sync(&mut self) {
+        frontend::sync(&mut self.out);
+    }
+
+    /// Writes everything encoded.
+    pub(super) async fn send(&mut self) -> Result<(), StreamError> {
+        trace!(bytes = self.out.len(), "sending batch");
+        self.writer.write_all(&self.out).await?;
+        self.out.clear();
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// The next reply (cancel safe).
+    pub(super) async fn next_event(&mut self) -> Result<Event, StreamError> {
+        match self.events.recv().await {
+            Some(event) => event,
+            None => Err(StreamError::ConnectionClosed),
+        }
+    }
+
+    /// Runs `sql` with the simple query protocol, with nothing in flight,
+    /// and waits for its end.
+    pub(super) async fn simple(&mut self, sql: &str) -> Result<(), StreamError> {
+        debug!(sql, "batched apply session");
+        // Encoded statements wait: they must not go out without their Sync.
+        let pending = self.out.split();
+        frontend::query(sql, &mut self.out).map_err(StreamError::Io)?;
+        let sent = self.send().await;
+        self.out.unsplit(pending);
+        sent?;
+        let mut error = None;
+        loop {
+            match self.next_event().await? {
+                Event::Complete(_) => {}
+                Event::Error(e) => error = Some(e),
+                Event::Ready(_) => break,
+            }
+        }
+        match error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `sql` with the extended query protocol, as batches do, with
+    /// nothing in flight, and waits for its end.
+    pub(super) async fn extended(&mut self, sql: &str) -> Result<(), StreamError> {
+        let pending = self.out.split();
+        self.execute_once(sql)?;
+        self.sync();
+        let sent = self.send().await;
+        self.out.unsplit(pending);
+        sent?;
+        let mut error = None;
+        loop {
+            match self.next_event().await? {
+                Event::Complete(_) => {}
+                Event::Error(e) => error = Some(e),
+                Event::Ready(_) => break,
+            }
+        }
+        match error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets the statements parsed on this session, on the server too
+    /// (after a failed batch, whose Parse messages may not have run).
+    pub(super) async fn forget_statements(&mut self) -> Result<(), StreamError> {
+        self.statements.clear();
+        self.simple("DEALLOCATE ALL").await
+    }
+}
+
+/// The event of a backend message; `None` for those the batch ignores.
+fn to_event(msg: Message) -> Option<Event> {
+    match msg {
+        Message::CommandComplete(body) => {
+            // "UPDATE 3", "INSERT 0 3", "BEGIN": the last word, if a number.
+            let tag = body.tag().unwrap_or("");
+            let rows = tag
+                .rsplit(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Some(Event::Complete(rows))
+        }
+        Message::EmptyQueryResponse => Some(Event::Complete(0)),
+        Message::ErrorResponse(body) => {
+            Some(Event::Error(crate::stream::db_error_of(body.fields())))
+        }
+        Message::ReadyForQuery(body) => Some(Event::Ready(body.status())),
+        Message::NoticeResponse(body) => {
+            let notice = crate::stream::db_error_of(body.fields());
+            debug!(notice = %notice, "batched apply session");
+            None
+        }
+        // ParseComplete, BindComplete, RowDescription, DataRow (of SELECTs
+        // such as the origin set-up), ParameterStatus, ...
+        _ => None,
+    }
+}
