@@ -113,17 +113,19 @@ impl Batch {
         origin: String,
     ) -> Result<Option<Batch>, ApplyError> {
         let mut wire = Wire::connect(config).await?;
-        wire.simple(
-            "SET session_replication_role = replica; SET synchronous_commit = local; \
-             SET bdr.apply_require_row = on",
-        )
-        .await?;
-        match wire.extended("DELETE FROM bdr.nodes WHERE false").await {
+        wire.simple("SET session_replication_role = replica; SET synchronous_commit = local")
+            .await?;
+        // A setting for superusers, which the applier's user may not be.
+        let checked = match wire.simple("SET bdr.apply_require_row = on").await {
+            Ok(()) => wire.extended("DELETE FROM bdr.nodes WHERE false").await,
+            Err(e) => Err(e),
+        };
+        match checked {
             Err(crate::stream::StreamError::Db(e)) if e.code == NO_ROW => {}
             other => {
                 warn!(
                     result = ?other,
-                    "bdr.apply_require_row does not work here (is the bdr library up to date?): applying without batches"
+                    "bdr.apply_require_row cannot be turned on (is the bdr library up to date, the applier's user a superuser?): applying without batches"
                 );
                 return Ok(None);
             }
@@ -185,7 +187,12 @@ impl Batch {
         self.next_seq - 1
     }
 
+    /// Keeps a message of the open transaction (others are not applied
+    /// again, and need not be: RELATION is taken in at once).
     fn keep(&mut self, raw: Bytes) {
+        if self.open_at.is_none() {
+            return;
+        }
         if let Some(t) = self.kept.back_mut() {
             t.bytes += raw.len();
             t.messages.push(raw);
@@ -219,11 +226,8 @@ impl Batch {
         if tags == 0 {
             return Ok(());
         }
-        let tail = self.wire.split_off(bytes);
+        self.wire.send_batch(bytes).await?;
         let tail_tags = self.unsent.split_off(tags);
-        self.wire.sync();
-        self.wire.send().await?;
-        self.wire.restore(tail);
         self.sent.extend(self.unsent.drain(..));
         self.sent.push_back(Tag::Sync);
         self.unsent = tail_tags;
@@ -641,13 +645,12 @@ impl Applier {
                     b.in_flight = false;
                     b.sent.clear();
                 }
-                Ok(Event::Complete(rows)) => {
+                Ok(Event::Complete(_)) => {
                     if let Some(Tag::Stmt {
                         kind: Kind::Commit(lsn),
                         ..
                     }) = b.sent.pop_front()
                     {
-                        let _ = rows;
                         self.pipe.confirm(lsn);
                     }
                 }

@@ -56,6 +56,11 @@ pub(super) struct Wire {
     events: mpsc::UnboundedReceiver<Result<Event, StreamError>>,
     /// Statement names by SQL text, for statements parsed on this session.
     statements: HashMap<String, String>,
+    /// The Parse messages among the unwritten bytes: where they start and
+    /// their text (dropping those bytes drops the statements too).
+    unsent_parses: Vec<(usize, String)>,
+    /// The number in the last statement name given out.
+    next_name: u64,
     /// The reader task; it owns the socket's reading half, so the session
     /// only closes once it stops.
     reader: tokio::task::JoinHandle<()>,
@@ -102,6 +107,8 @@ impl Wire {
             writer,
             events,
             statements: HashMap::new(),
+            unsent_parses: Vec::new(),
+            next_name: 0,
             reader,
         })
     }
@@ -111,19 +118,32 @@ impl Wire {
         self.out.len()
     }
 
-    /// Takes the encoded bytes from `at` on out of the buffer.
-    pub(super) fn split_off(&mut self, at: usize) -> BytesMut {
-        self.out.split_off(at)
-    }
-
-    /// Puts bytes taken by [`Self::split_off`] back, after what is there.
-    pub(super) fn restore(&mut self, tail: BytesMut) {
+    /// Writes the encoded bytes up to `at`, followed by a Sync; the rest
+    /// stays encoded.
+    pub(super) async fn send_batch(&mut self, at: usize) -> Result<(), StreamError> {
+        let tail = self.out.split_off(at);
+        frontend::sync(&mut self.out);
+        let sent = self.send().await;
         self.out.unsplit(tail);
+        sent?;
+        self.unsent_parses.retain_mut(|(start, _)| {
+            let kept = *start >= at;
+            *start = start.saturating_sub(at);
+            kept
+        });
+        Ok(())
     }
 
-    /// Drops the encoded bytes from `len` on (never written).
+    /// Drops the encoded bytes from `len` on (never written), and the
+    /// statements they would have parsed.
     pub(super) fn truncate(&mut self, len: usize) {
         self.out.truncate(len);
+        for (start, sql) in &self.unsent_parses {
+            if *start >= len {
+                self.statements.remove(sql);
+            }
+        }
+        self.unsent_parses.retain(|(start, _)| *start < len);
     }
 
     /// Encodes the execution of `sql` with `params` (binary, as the
@@ -133,7 +153,9 @@ impl Wire {
         let name = match self.statements.get(sql) {
             Some(name) => name.clone(),
             None => {
-                let name = format!("bdr_{}", self.statements.len());
+                self.next_name += 1;
+                let name = format!("bdr_{}", self.next_name);
+                self.unsent_parses.push((self.out.len(), sql.to_owned()));
                 frontend::parse(&name, sql, std::iter::empty(), &mut self.out)
                     .map_err(StreamError::Io)?;
                 self.statements.insert(sql.to_owned(), name.clone());
@@ -172,13 +194,8 @@ impl Wire {
         frontend::execute("", 0, &mut self.out).map_err(StreamError::Io)
     }
 
-    /// Encodes a Sync.
-    pub(super) fn sync(&mut self) {
-        frontend::sync(&mut self.out);
-    }
-
-    /// Writes everything encoded.
-    pub(super) async fn send(&mut self) -> Result<(), StreamError> {
+    /// Writes everything in the buffer.
+    async fn send(&mut self) -> Result<(), StreamError> {
         trace!(bytes = self.out.len(), "sending batch");
         self.writer.write_all(&self.out).await?;
         self.out.clear();
@@ -223,7 +240,7 @@ impl Wire {
     pub(super) async fn extended(&mut self, sql: &str) -> Result<(), StreamError> {
         let pending = self.out.split();
         self.execute_once(sql)?;
-        self.sync();
+        frontend::sync(&mut self.out);
         let sent = self.send().await;
         self.out.unsplit(pending);
         sent?;
@@ -245,6 +262,7 @@ impl Wire {
     /// (after a failed batch, whose Parse messages may not have run).
     pub(super) async fn forget_statements(&mut self) -> Result<(), StreamError> {
         self.statements.clear();
+        self.unsent_parses.clear();
         self.simple("DEALLOCATE ALL").await
     }
 }
