@@ -288,8 +288,9 @@ impl Session {
                     }
                     None => return Err(SessionError::Ended),
                 },
-                // Replies to pipelined statements, above all the last
-                // COMMIT's once the stream goes quiet.
+                // Replies to pipelined statements and batches, above all
+                // the last COMMIT's once the stream goes quiet; a batch
+                // waiting to go out goes.
                 settled = self.applier.next_settled(), if self.applier.busy() => {
                     self.applier.on_settled(settled).await.map_err(|source| SessionError::Apply {
                         lsn: self.flushed,

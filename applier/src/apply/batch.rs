@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 use super::param::Param;
 use super::relation::Shape;
 use super::wire::{Event, Wire};
-use super::{Applier, ApplyError, InsertRun, bind_columns, delete_key, run_rows, update_values};
+use super::{Applier, ApplyError, delete_key, update_values};
 
 /// What a statement's reply must show.
 #[derive(Debug, Clone, Copy)]
@@ -330,17 +330,7 @@ impl Applier {
                 if self.run.as_ref().is_some_and(|r| r.rel_id != m.rel_id) {
                     self.flush_batched_inserts()?;
                 }
-                let rel = self.relations.get(m.rel_id)?;
-                let row = bind_columns(rel, &m.new, |_| true)?;
-                let most = run_rows(rel.columns.len());
-                let run = self.run.get_or_insert_with(|| InsertRun {
-                    rel_id: m.rel_id,
-                    rows: 0,
-                    params: Vec::with_capacity(row.len() * most),
-                });
-                run.params.extend(row.iter().map(|p| p.to_shared(frame)));
-                run.rows += 1;
-                if run.rows >= most {
+                if self.add_to_run(frame, m)? {
                     self.flush_batched_inserts()?;
                 }
                 Ok(())

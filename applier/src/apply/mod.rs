@@ -591,6 +591,15 @@ impl Applier {
         if self.run.as_ref().is_some_and(|r| r.rel_id != m.rel_id) {
             self.flush_inserts().await?;
         }
+        if self.add_to_run(frame, m)? {
+            self.flush_inserts().await?;
+        }
+        Ok(())
+    }
+
+    /// Adds the row to the run of INSERTs (a run of `m`'s relation, the
+    /// caller sees to that); whether the run is full.
+    fn add_to_run(&mut self, frame: &Bytes, m: &Insert<'_>) -> Result<bool, ApplyError> {
         let rel = self.relations.get(m.rel_id)?;
         let row = bind_columns(rel, &m.new, |_| true)?;
         let most = run_rows(rel.columns.len());
@@ -601,10 +610,7 @@ impl Applier {
         });
         run.params.extend(row.iter().map(|p| p.to_shared(frame)));
         run.rows += 1;
-        if run.rows >= most {
-            self.flush_inserts().await?;
-        }
-        Ok(())
+        Ok(run.rows >= most)
     }
 
     /// Sends the INSERTs held back: as few statements as the binary

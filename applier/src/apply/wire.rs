@@ -167,31 +167,11 @@ impl Wire {
 
     /// Encodes the execution of a statement that is not kept (TRUNCATE).
     pub(super) fn execute_once(&mut self, sql: &str) -> Result<(), StreamError> {
-        frontend::parse("", sql, std::iter::empty(), &mut self.out).map_err(StreamError::Io)?;
-        self.bind_execute("", &[])
+        encode_once(sql, &mut self.out)
     }
 
     fn bind_execute(&mut self, name: &str, params: &[Param<'_>]) -> Result<(), StreamError> {
-        let bound = frontend::bind(
-            "",
-            name,
-            std::iter::once(1),
-            params,
-            |p, buf| match p.to_sql(&Type::ANY, buf)? {
-                tokio_postgres::types::IsNull::Yes => Ok(IsNull::Yes),
-                tokio_postgres::types::IsNull::No => Ok(IsNull::No),
-            },
-            std::iter::empty(),
-            &mut self.out,
-        );
-        match bound {
-            Ok(()) => {}
-            Err(frontend::BindError::Conversion(e)) => {
-                return Err(StreamError::protocol(format!("binding a value: {e}")));
-            }
-            Err(frontend::BindError::Serialization(e)) => return Err(StreamError::Io(e)),
-        }
-        frontend::execute("", 0, &mut self.out).map_err(StreamError::Io)
+        bind_execute(name, params, &mut self.out)
     }
 
     /// Writes everything in the buffer.
@@ -215,40 +195,41 @@ impl Wire {
     /// and waits for its end.
     pub(super) async fn simple(&mut self, sql: &str) -> Result<(), StreamError> {
         debug!(sql, "batched apply session");
-        // Encoded statements wait: they must not go out without their Sync.
-        let pending = self.out.split();
-        frontend::query(sql, &mut self.out).map_err(StreamError::Io)?;
-        let sent = self.send().await;
-        self.out.unsplit(pending);
-        sent?;
-        let mut error = None;
-        loop {
-            match self.next_event().await? {
-                Event::Complete(_) => {}
-                Event::Error(e) => error = Some(e),
-                Event::Ready(_) => break,
-            }
-        }
-        match error {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        self.round_trip(|out| frontend::query(sql, out).map_err(StreamError::Io))
+            .await
     }
 
     /// Runs `sql` with the extended query protocol, as batches do, with
     /// nothing in flight, and waits for its end.
     pub(super) async fn extended(&mut self, sql: &str) -> Result<(), StreamError> {
+        self.round_trip(|out| {
+            encode_once(sql, out)?;
+            frontend::sync(out);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Writes what `encode` encodes (ending in a Sync or a simple query),
+    /// and waits for the ReadyForQuery; the first error is the result.
+    async fn round_trip(
+        &mut self,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), StreamError>,
+    ) -> Result<(), StreamError> {
+        // Encoded statements wait: they must not go out without their Sync.
         let pending = self.out.split();
-        self.execute_once(sql)?;
-        frontend::sync(&mut self.out);
-        let sent = self.send().await;
+        let sent = match encode(&mut self.out) {
+            Ok(()) => self.send().await,
+            Err(e) => Err(e),
+        };
+        self.out.clear();
         self.out.unsplit(pending);
         sent?;
         let mut error = None;
         loop {
             match self.next_event().await? {
                 Event::Complete(_) => {}
-                Event::Error(e) => error = Some(e),
+                Event::Error(e) => error = error.or(Some(e)),
                 Event::Ready(_) => break,
             }
         }
@@ -265,6 +246,37 @@ impl Wire {
         self.unsent_parses.clear();
         self.simple("DEALLOCATE ALL").await
     }
+}
+
+/// Encodes Parse of the unnamed statement, Bind and Execute.
+fn encode_once(sql: &str, out: &mut BytesMut) -> Result<(), StreamError> {
+    frontend::parse("", sql, std::iter::empty(), out).map_err(StreamError::Io)?;
+    bind_execute("", &[], out)
+}
+
+/// Encodes Bind (every parameter in binary, as the other apply paths send
+/// them) and Execute of the named statement.
+fn bind_execute(name: &str, params: &[Param<'_>], out: &mut BytesMut) -> Result<(), StreamError> {
+    let bound = frontend::bind(
+        "",
+        name,
+        std::iter::once(1),
+        params,
+        |p, buf| match p.to_sql(&Type::ANY, buf)? {
+            tokio_postgres::types::IsNull::Yes => Ok(IsNull::Yes),
+            tokio_postgres::types::IsNull::No => Ok(IsNull::No),
+        },
+        std::iter::empty(),
+        out,
+    );
+    match bound {
+        Ok(()) => {}
+        Err(frontend::BindError::Conversion(e)) => {
+            return Err(StreamError::protocol(format!("binding a value: {e}")));
+        }
+        Err(frontend::BindError::Serialization(e)) => return Err(StreamError::Io(e)),
+    }
+    frontend::execute("", 0, out).map_err(StreamError::Io)
 }
 
 /// The event of a backend message; `None` for those the batch ignores.
