@@ -257,11 +257,11 @@ impl Applier {
         let result = self.encode(frame, raw, msg).await;
         let b = self.batch.as_mut().expect("batched");
         match result {
+            // The session broke, or outside a transaction there is
+            // nothing to hand over.
+            Err(e) if matches!(e, ApplyError::Wire(_)) || b.open_at.is_none() => return Err(e),
             // Applied again one statement at a time, where the error comes
             // back with its context (or turns out to be a conflict).
-            Err(ApplyError::Wire(e)) => return Err(ApplyError::Wire(e)),
-            // Outside a transaction there is nothing to hand over.
-            Err(e) if b.open_at.is_none() => return Err(e),
             Err(e) => {
                 debug!(error = %e, "cannot batch this transaction");
                 return self.hand_over(true).await;
@@ -387,16 +387,10 @@ impl Applier {
             return Ok(());
         };
         let rel = self.relations.get(run.rel_id)?;
-        let width = rel.columns.len();
         let b = self.batch.as_mut().expect("batched");
-        let mut params = run.params.into_iter();
-        let mut left = run.rows;
-        while left > 0 {
-            let rows = 1 << left.ilog2();
+        for (rows, params) in run.into_statements(rel.columns.len()) {
             let sql = rel.sql(Shape::InsertRows(rows));
-            let batch: Vec<Param<'static>> = params.by_ref().take(rows * width).collect();
-            b.stmt(&sql, &batch, Kind::Rows(rows as u64))?;
-            left -= rows;
+            b.stmt(&sql, &params, Kind::Rows(rows as u64))?;
         }
         Ok(())
     }
@@ -534,7 +528,8 @@ impl Applier {
                 return Ok(());
             };
             if !b.on_wire {
-                // A failed batch was applied again, this transaction too.
+                // A batch failed, and applying its transactions again
+                // handed this one over already.
                 return Ok(());
             }
             if b.in_flight {

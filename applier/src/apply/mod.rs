@@ -248,6 +248,24 @@ struct InsertRun {
     params: Vec<Param<'static>>,
 }
 
+impl InsertRun {
+    /// The run as multi-row INSERTs of `width` columns: as few statements
+    /// as the binary digits of the row count (64 + 8 + 1 rows, ...), so
+    /// that a handful of statements per relation serve every run. Each is
+    /// its row count and parameters.
+    fn into_statements(self, width: usize) -> Vec<(usize, Vec<Param<'static>>)> {
+        let mut params = self.params.into_iter();
+        let mut left = self.rows;
+        let mut out = Vec::with_capacity(left.count_ones() as usize);
+        while left > 0 {
+            let rows = 1 << left.ilog2();
+            out.push((rows, params.by_ref().take(rows * width).collect()));
+            left -= rows;
+        }
+        out
+    }
+}
+
 impl Applier {
     /// Wraps a connection already bound to the peer's replication origin
     /// (see [`crate::origin::bind_session`]).
@@ -613,26 +631,18 @@ impl Applier {
         Ok(run.rows >= most)
     }
 
-    /// Sends the INSERTs held back: as few statements as the binary
-    /// digits of their number (64 + 8 + 1 rows, ...), so that a handful of
-    /// prepared statements per relation serve every run.
+    /// Sends the INSERTs held back (see [`InsertRun::into_statements`]).
     async fn flush_inserts(&mut self) -> Result<(), ApplyError> {
         let Some(run) = self.run.take() else {
             return Ok(());
         };
         let rel = self.relations.get(run.rel_id)?;
-        let width = rel.columns.len();
-        let mut params = run.params.into_iter();
-        let mut left = run.rows;
-        while left > 0 {
-            let rows = 1 << left.ilog2();
+        for (rows, params) in run.into_statements(rel.columns.len()) {
             let stmt = rel.insert_rows(&self.client, rows).await?;
-            let batch: Vec<Param<'static>> = params.by_ref().take(rows * width).collect();
             self.pipe.push(
-                execute(&self.client, stmt, batch),
+                execute(&self.client, stmt, params),
                 Expect::Rows(rows as u64),
             )?;
-            left -= rows;
         }
         Ok(())
     }

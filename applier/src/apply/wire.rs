@@ -150,28 +150,21 @@ impl Wire {
     /// statements of the other apply paths take them), parsing it first
     /// if this session has not yet.
     pub(super) fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<(), StreamError> {
-        let name = match self.statements.get(sql) {
-            Some(name) => name.clone(),
-            None => {
-                self.next_name += 1;
-                let name = format!("bdr_{}", self.next_name);
-                self.unsent_parses.push((self.out.len(), sql.to_owned()));
-                frontend::parse(&name, sql, std::iter::empty(), &mut self.out)
-                    .map_err(StreamError::Io)?;
-                self.statements.insert(sql.to_owned(), name.clone());
-                name
-            }
-        };
-        self.bind_execute(&name, params)
+        if let Some(name) = self.statements.get(sql) {
+            return bind_execute(name, params, &mut self.out);
+        }
+        self.next_name += 1;
+        let name = format!("bdr_{}", self.next_name);
+        self.unsent_parses.push((self.out.len(), sql.to_owned()));
+        frontend::parse(&name, sql, std::iter::empty(), &mut self.out).map_err(StreamError::Io)?;
+        bind_execute(&name, params, &mut self.out)?;
+        self.statements.insert(sql.to_owned(), name);
+        Ok(())
     }
 
     /// Encodes the execution of a statement that is not kept (TRUNCATE).
     pub(super) fn execute_once(&mut self, sql: &str) -> Result<(), StreamError> {
         encode_once(sql, &mut self.out)
-    }
-
-    fn bind_execute(&mut self, name: &str, params: &[Param<'_>]) -> Result<(), StreamError> {
-        bind_execute(name, params, &mut self.out)
     }
 
     /// Writes everything in the buffer.
