@@ -42,12 +42,12 @@ pub(crate) async fn bind_session(
             &[&name],
         )
         .await?;
-    // Triggers and foreign keys behave as on a replica; a commit reports
-    // success only once it is flushed here, so the flush position sent to
-    // the peer is never ahead of what survives a crash (`local`: this
-    // node's own synchronous standbys do not gate the apply).
+    // Triggers and foreign keys behave as on a replica; a commit does not
+    // wait for the WAL flush (nor for this node's synchronous standbys):
+    // the flush position sent to the peer comes from the origin's progress
+    // read with a flush (see the `peer` module), never from a COMMIT.
     client
-        .batch_execute("SET session_replication_role = replica; SET synchronous_commit = local")
+        .batch_execute("SET session_replication_role = replica; SET synchronous_commit = off")
         .await?;
     let row = client
         .query_one(

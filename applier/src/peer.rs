@@ -6,17 +6,25 @@
 //!     ─> STARTUP check ─> loop { XLogData -> apply; keepalive; status }
 //! ```
 //!
-//! The flush position reported to the peer is the end LSN of the last
-//! remote transaction committed locally (commits wait for the local WAL
-//! flush), or, when no transaction is open, the position the peer says it
-//! has sent: nothing before it remains to be applied. It is never ahead
-//! of what is durable here, and never stuck behind while idle.
+//! Local commits do not wait for the WAL flush (`synchronous_commit =
+//! off`, as the built-in apply worker). Two positions are reported to the
+//! peer: *applied* (write and apply), the end LSN of the last remote
+//! transaction committed here, and *flushed* (what the peer may forget),
+//! the same once durable: shortly after a commit the applier asks the
+//! origin's progress with a flush (`pg_replication_origin_progress(origin,
+//! true)`), one WAL flush for however many commits came before. When no
+//! transaction is open, the position the peer says it has sent counts too:
+//! nothing before it remains to be applied, and once the commits before it
+//! are durable nothing before it is needed again. Flushed is never ahead
+//! of what survives a crash here, and never stuck behind while idle.
 //!
 //! Any error ends the session: an open local transaction is rolled back
 //! (nothing is applied by halves), the error is logged with the peer, LSN
 //! and relation, and the session starts again after a backoff from the
 //! origin's durable progress. Other peers are unaffected.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +47,10 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// After a commit, a status update goes out once this much time passed
 /// since the last one (synchronous replication on the peer waits for it).
 const STATUS_AFTER_COMMIT: Duration = Duration::from_millis(5);
+/// How long after a commit its flush is asked for: commits within it
+/// share one WAL flush; the peer learns the flush position this much
+/// later than it would with a flush per commit.
+const FLUSH_DELAY: Duration = Duration::from_millis(10);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -239,8 +251,13 @@ async fn session(
         stream,
         applier,
         peer_id,
+        committed: start,
+        applied: start,
         flushed: start,
-        sent: start,
+        sent: (start, start),
+        idle_end: None,
+        flush_at: None,
+        flushing: None,
         last_status: Instant::now(),
         started: false,
     };
@@ -248,15 +265,50 @@ async fn session(
     state.finish(result).await
 }
 
+/// A flush asked of the local server (see [`Session::ask_flush`]).
+struct Flushing {
+    committed: Lsn,
+    idle_end: Option<Lsn>,
+    answer: Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>,
+}
+
+/// Completes at `at`, never when there is none.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The answer to the flush asked, never when none was.
+async fn answer_of(flushing: &mut Option<Flushing>) -> Result<u64, tokio_postgres::Error> {
+    match flushing {
+        Some(f) => f.answer.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A streaming session's state.
 struct Session {
     stream: ReplicationStream,
     applier: Applier,
     peer_id: NodeId,
+    /// The end LSN of the last remote transaction committed here.
+    committed: Lsn,
+    /// Applied: `committed`, or the end of the stream when idle.
+    applied: Lsn,
     /// Durably applied: what the peer may forget.
     flushed: Lsn,
-    /// The last flush position reported.
-    sent: Lsn,
+    /// The last positions reported (applied, flushed).
+    sent: (Lsn, Lsn),
+    /// An end of the stream seen while idle, with the commits before it
+    /// not yet known durable: flushed may move there once they are.
+    idle_end: Option<Lsn>,
+    /// When to ask for the flush of the commits not yet known durable.
+    flush_at: Option<tokio::time::Instant>,
+    /// The flush asked for: what it will make durable (committed, and
+    /// the idle end seen before it was asked) and the answer to come.
+    flushing: Option<Flushing>,
     last_status: Instant,
     /// Whether the STARTUP message arrived.
     started: bool,
@@ -270,17 +322,15 @@ impl Session {
     ) -> Result<(), SessionError> {
         let mut tick = tokio::time::interval(STATUS_INTERVAL / 4);
         loop {
+            let flush_at = self.flush_at.filter(|_| self.flushing.is_none());
             tokio::select! {
                 event = self.stream.next_event() => match event? {
                     Some(ReplicationEvent::XLogData { wal_start, data, .. }) => {
                         self.handle_frame(wal_start, &data).await?;
                     }
                     Some(ReplicationEvent::Keepalive { wal_end, reply_requested, .. }) => {
-                        if !self.applier.in_transaction()
-                            && !self.applier.busy()
-                            && wal_end > self.flushed
-                        {
-                            self.flushed = wal_end;
+                        if !self.applier.in_transaction() && !self.applier.busy() {
+                            self.reached_idle_end(wal_end);
                         }
                         if reply_requested {
                             self.send_status(true).await?;
@@ -299,12 +349,22 @@ impl Session {
                     })?;
                     self.note_confirmed().await?;
                 }
+                () = sleep_until_some(flush_at) => self.ask_flush(),
+                durable = answer_of(&mut self.flushing) => {
+                    let asked = self.flushing.take().expect("a flush was asked");
+                    self.on_durable(Lsn(durable?), asked.committed, asked.idle_end);
+                    if self.sent.1 != self.flushed {
+                        self.send_status(false).await?;
+                    }
+                }
                 _ = tick.tick() => {
                     // Also while a long transaction is being applied and the
                     // position does not move: the peer's walsender gives up
                     // on a client that stays silent for wal_sender_timeout,
                     // and its keepalive requests queue behind the data.
-                    if self.sent != self.flushed || self.last_status.elapsed() >= STATUS_INTERVAL {
+                    if self.sent != (self.applied, self.flushed)
+                        || self.last_status.elapsed() >= STATUS_INTERVAL
+                    {
                         self.send_status(false).await?;
                     }
                 }
@@ -313,6 +373,46 @@ impl Session {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// The peer has sent everything before `wal_end`, and every remote
+    /// transaction received is committed here.
+    fn reached_idle_end(&mut self, wal_end: Lsn) {
+        self.applied = self.applied.max(wal_end);
+        if self.committed <= self.flushed {
+            self.flushed = self.flushed.max(wal_end);
+        } else if wal_end > self.flushed {
+            self.idle_end = Some(self.idle_end.map_or(wal_end, |e| e.max(wal_end)));
+            self.flush_at = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// Asks the local server to make the commits so far durable.
+    fn ask_flush(&mut self) {
+        self.flush_at = None;
+        self.flushing = Some(Flushing {
+            committed: self.committed,
+            idle_end: self.idle_end,
+            answer: Box::pin(self.applier.durable_progress()),
+        });
+    }
+
+    /// The origin's progress is durable up to `durable`, and the flush
+    /// was asked when the last commit was `committed` and the stream's
+    /// idle end `idle_end`.
+    fn on_durable(&mut self, durable: Lsn, committed: Lsn, idle_end: Option<Lsn>) {
+        self.flushed = self.flushed.max(durable);
+        if durable >= committed
+            && let Some(end) = idle_end
+        {
+            self.flushed = self.flushed.max(end);
+        }
+        if self.idle_end.is_some_and(|e| e <= self.flushed) {
+            self.idle_end = None;
+        }
+        if (self.committed > self.flushed || self.idle_end.is_some()) && self.flush_at.is_none() {
+            self.flush_at = Some(tokio::time::Instant::now() + FLUSH_DELAY);
         }
     }
 
@@ -355,19 +455,28 @@ impl Session {
         for _ in 0..commits {
             crate::fault::after_commit();
         }
-        self.flushed = Lsn(end).max(self.flushed);
+        self.committed(Lsn(end));
         if self.last_status.elapsed() >= STATUS_AFTER_COMMIT {
             self.send_status(false).await?;
         }
         Ok(())
     }
 
+    /// Remote transactions up to `end` are committed here.
+    fn committed(&mut self, end: Lsn) {
+        self.committed = self.committed.max(end);
+        self.applied = self.applied.max(end);
+        if self.committed > self.flushed && self.flush_at.is_none() {
+            self.flush_at = Some(tokio::time::Instant::now() + FLUSH_DELAY);
+        }
+    }
+
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), SessionError> {
-        let pos = self.flushed;
+        let (applied, flushed) = (self.applied, self.flushed);
         self.stream
-            .send_status_update(pos, pos, pos, reply_requested)
+            .send_status_update(applied, flushed, applied, reply_requested)
             .await?;
-        self.sent = pos;
+        self.sent = (applied, flushed);
         self.last_status = Instant::now();
         Ok(())
     }
@@ -379,9 +488,13 @@ impl Session {
             warn!(error = %e, "rolling back the open transaction failed");
         }
         if let Some((end, _)) = self.applier.take_confirmed() {
-            self.flushed = Lsn(end).max(self.flushed);
+            self.committed(Lsn(end));
         }
         if result.is_ok() {
+            // The peer learns the final position, durable.
+            let (committed, idle_end) = (self.committed, self.idle_end);
+            let durable = self.applier.durable_progress().await?;
+            self.on_durable(Lsn(durable), committed, idle_end);
             self.send_status(false).await?;
             self.stream.stop().await?;
         }

@@ -289,6 +289,35 @@ fn an_immediate_stop_of_either_node_loses_and_duplicates_nothing() {
     assert_eq!(mesh.assert_same("SELECT count(*) FROM log"), "1");
 }
 
+/// The applier commits without waiting for the WAL flush; what it tells
+/// the peer it may forget must be flushed all the same. With b's WAL
+/// writer nearly asleep, an immediate stop right after a counted b's
+/// changes as flushed loses the commits still in b's WAL buffers, unless
+/// the applier had them flushed before saying so.
+#[test]
+fn what_the_peer_counts_as_flushed_survives_an_immediate_stop() {
+    let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
+    mesh.node("b").append_conf("wal_writer_delay = 10s");
+    mesh.node("b").reload();
+    mesh.wait_for_streaming();
+    for i in 0..20 {
+        mesh.node("a")
+            .safe_psql(&format!("INSERT INTO log VALUES ('a', 'row {i}')"));
+    }
+    let lsn = mesh.node("a").safe_psql("SELECT pg_current_wal_lsn()");
+    mesh.node("a").poll_query_until(
+        &format!(
+            "SELECT coalesce(bool_and(confirmed_flush_lsn >= '{lsn}'), false)
+               FROM pg_replication_slots WHERE slot_type = 'logical'"
+        ),
+        "t",
+    );
+    mesh.node_mut("b").stop_immediate();
+    mesh.node_mut("b").start();
+    mesh.wait_for_catchup();
+    assert_eq!(mesh.node("b").safe_psql("SELECT count(*) FROM log"), "20");
+}
+
 #[test]
 fn columns_are_matched_by_name_and_definition_changes_are_followed() {
     let mesh = Mesh::new(&["a", "b"], "");

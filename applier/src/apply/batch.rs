@@ -52,7 +52,7 @@ enum Kind {
     Done,
     /// A change: this many rows (fewer is an error raised by the server).
     Rows(u64),
-    /// A COMMIT: success makes the stream durably applied up to this LSN.
+    /// A COMMIT: success makes the stream applied up to this LSN.
     Commit(Lsn),
 }
 
@@ -113,7 +113,8 @@ impl Batch {
         origin: String,
     ) -> Result<Option<Batch>, ApplyError> {
         let mut wire = Wire::connect(config).await?;
-        wire.simple("SET session_replication_role = replica; SET synchronous_commit = local")
+        // As the first session (see `origin::bind_session`).
+        wire.simple("SET session_replication_role = replica; SET synchronous_commit = off")
             .await?;
         // A setting for superusers, which the applier's user may not be.
         let checked = match wire.simple("SET bdr.apply_require_row = on").await {

@@ -222,6 +222,8 @@ pub(crate) struct Applier {
     relations: RelationMap,
     txn: Option<OpenTxn>,
     xact_setup: Statement,
+    /// Reads (and makes durable) the progress of the peer's origin.
+    progress: Statement,
     ends: Endpoints,
     /// The local replication origin id of each origin node met so far:
     /// rows written by that node's transactions carry it.
@@ -232,6 +234,10 @@ pub(crate) struct Applier {
 /// replication origin; the transaction's COMMIT follows.
 const XACT_SETUP: &str =
     "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)";
+
+/// The end LSN of the peer's last transaction committed here, once the
+/// local WAL is flushed up to its commit (the function flushes it).
+const DURABLE_PROGRESS: &str = "SELECT pg_catalog.pg_replication_origin_progress($1, true)";
 
 /// The most rows one multi-row INSERT carries (a power of two).
 const RUN_ROWS: usize = 64;
@@ -279,6 +285,7 @@ impl Applier {
         batched: Option<&tokio_postgres::Config>,
     ) -> Result<Self, ApplyError> {
         let xact_setup = client.prepare(XACT_SETUP).await?;
+        let progress = client.prepare(DURABLE_PROGRESS).await?;
         let quiet = pipelined && quiet_errors(&client, true).await;
         let mut origin_ids = HashMap::new();
         origin_ids.insert(ends.local, 0);
@@ -290,6 +297,7 @@ impl Applier {
             client: Arc::new(client),
             quiet,
             xact_setup,
+            progress,
             pipelined,
             batch,
             pipe: Pipeline::default(),
@@ -348,10 +356,31 @@ impl Applier {
         drained
     }
 
-    /// The latest end LSN up to which the stream is durably applied, if
-    /// a COMMIT was confirmed since the last call, and how many were.
+    /// The latest end LSN up to which the stream is applied (committed, not
+    /// yet known flushed), if a COMMIT was confirmed since the last call,
+    /// and how many were.
     pub(crate) fn take_confirmed(&mut self) -> Option<(Lsn, u64)> {
         self.pipe.take_confirmed()
+    }
+
+    /// Makes what was applied from the peer durable and returns how far
+    /// that is: the end LSN of the last remote transaction committed here
+    /// (0 before the first). Apply sessions commit without waiting
+    /// for the WAL flush (`synchronous_commit = off`, as the built-in
+    /// apply worker), so this, not a confirmed COMMIT, is what the peer may
+    /// forget. Runs on the first session, behind what is in flight there;
+    /// the future does not borrow the applier.
+    pub(crate) fn durable_progress(
+        &self,
+    ) -> impl Future<Output = Result<Lsn, tokio_postgres::Error>> + Send + 'static {
+        let client = Arc::clone(&self.client);
+        let statement = self.progress.clone();
+        let origin = crate::origin::name_for(self.ends.peer);
+        async move {
+            let row = client.query_one(&statement, &[&origin]).await?;
+            let progress: Option<tokio_postgres::types::PgLsn> = row.try_get(0)?;
+            Ok(progress.map_or(0, u64::from))
+        }
     }
 
     /// Whether statements are in flight, or a batch waits to go out.

@@ -14,7 +14,7 @@
 //! the messages kept for a replay reach [`CHUNK_BYTES`], so a large
 //! transaction never keeps more than that.
 //!
-//! A COMMIT in flight carries the end LSN it makes durable; it counts as
+//! A COMMIT in flight carries the end LSN it applies up to; it counts as
 //! applied only once the server confirmed it.
 
 use std::collections::VecDeque;
@@ -60,7 +60,7 @@ pub(super) enum Expect {
     /// Success, or the COMMIT that follows would silently roll back: a
     /// failure is an error of its own, like a failed COMMIT.
     Must,
-    /// A COMMIT: success makes the stream durably applied up to this LSN.
+    /// A COMMIT: success makes the stream applied up to this LSN.
     Commit(Lsn),
 }
 
