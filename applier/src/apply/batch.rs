@@ -8,8 +8,14 @@
 //! one Sync per batch:
 //!
 //! ```text
-//!  BEGIN; changes; origin set-up; COMMIT; BEGIN; ...; COMMIT; Sync
+//!  changes; origin set-up; COMMIT; changes; ...; COMMIT; Sync
 //! ```
+//!
+//! There is no BEGIN, one statement less per transaction: in the extended
+//! protocol the statements before a Sync run in one implicit transaction,
+//! and a COMMIT ends it (with a warning that the session does not send:
+//! `client_min_messages = error`). A batch holds whole transactions only,
+//! since a Sync would commit the implicit transaction too.
 //!
 //! A change that finds no row (or hits a conflict) cannot be looked at
 //! before its COMMIT goes out, so the server checks it: the session runs
@@ -114,8 +120,12 @@ impl Batch {
     ) -> Result<Option<Batch>, ApplyError> {
         let mut wire = Wire::connect(config).await?;
         // As the first session (see `origin::bind_session`).
-        wire.simple("SET session_replication_role = replica; SET synchronous_commit = off")
-            .await?;
+        // COMMIT warns that no transaction block is open (see above).
+        wire.simple(
+            "SET session_replication_role = replica; SET synchronous_commit = off; \
+             SET client_min_messages = error",
+        )
+        .await?;
         // A setting for superusers, which the applier's user may not be.
         let checked = match wire.simple("SET bdr.apply_require_row = on").await {
             Ok(()) => wire.extended("DELETE FROM bdr.nodes WHERE false").await,
@@ -304,7 +314,8 @@ impl Applier {
             });
             b.next_seq += 1;
             b.open_at = Some((b.wire.unsent(), b.unsent.len()));
-            return b.stmt("BEGIN", &[], Kind::Done);
+            // The implicit transaction starts with the first statement.
+            return Ok(());
         }
         self.batch.as_mut().expect("batched").keep(raw);
         if !matches!(msg, Message::Insert(_)) {
@@ -467,6 +478,13 @@ impl Applier {
                 b.in_flight = false;
                 if let Some((seq, why)) = b.failed.take() {
                     return self.recover(seq, why, status).await;
+                }
+                if status != b'I' {
+                    // Batches hold whole transactions, each ending in COMMIT.
+                    return Err(ApplyError::Batch(format!(
+                        "a batch left a transaction open (status {:?})",
+                        char::from(status)
+                    )));
                 }
                 if b.ready_to_send() {
                     b.send().await?;
