@@ -157,6 +157,17 @@ fn int_param(value: i64, type_oid: Oid) -> Result<Param<'static>, ParamError> {
     Ok(Param::Fixed { bytes, width })
 }
 
+impl Param<'_> {
+    /// Whether the value is in its type's text form (else binary; NULL
+    /// counts as binary).
+    pub(crate) fn is_text(&self) -> bool {
+        matches!(
+            self,
+            Param::Text(_) | Param::Padded { .. } | Param::Shared { text: true, .. }
+        )
+    }
+}
+
 impl ToSql for Param<'_> {
     fn to_sql(
         &self,
@@ -188,13 +199,10 @@ impl ToSql for Param<'_> {
     }
 
     fn encode_format(&self, _ty: &Type) -> Format {
-        match self {
-            Param::Text(_) | Param::Padded { .. } | Param::Shared { text: true, .. } => {
-                Format::Text
-            }
-            Param::Null | Param::Binary(_) | Param::Fixed { .. } | Param::Shared { .. } => {
-                Format::Binary
-            }
+        if self.is_text() {
+            Format::Text
+        } else {
+            Format::Binary
         }
     }
 

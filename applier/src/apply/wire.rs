@@ -247,13 +247,13 @@ fn encode_once(sql: &str, out: &mut BytesMut) -> Result<(), StreamError> {
     bind_execute("", &[], out)
 }
 
-/// Encodes Bind (every parameter in binary, as the other apply paths send
-/// them) and Execute of the named statement.
+/// Encodes Bind (each parameter in its own format, text or binary, as the
+/// other apply paths send them) and Execute of the named statement.
 fn bind_execute(name: &str, params: &[Param<'_>], out: &mut BytesMut) -> Result<(), StreamError> {
     let bound = frontend::bind(
         "",
         name,
-        std::iter::once(1),
+        params.iter().map(|p| i16::from(!p.is_text())),
         params,
         |p, buf| match p.to_sql(&Type::ANY, buf)? {
             tokio_postgres::types::IsNull::Yes => Ok(IsNull::Yes),
