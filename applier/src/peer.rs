@@ -408,6 +408,8 @@ impl Session {
         {
             self.flushed = self.flushed.max(end);
         }
+        // The origin may already count commits of the batch in flight.
+        self.applied = self.applied.max(self.flushed);
         if self.idle_end.is_some_and(|e| e <= self.flushed) {
             self.idle_end = None;
         }
