@@ -26,6 +26,17 @@ fn two_nodes_replicate_every_change_kind_both_ways() {
     b.safe_psql("INSERT INTO t SELECT g, 'b' || g, g FROM generate_series(101, 200) g");
     mesh.wait_for_catchup();
     assert_eq!(mesh.assert_same("SELECT count(*) FROM t"), "200");
+    // Applied rows keep the writer's commit time and carry its origin.
+    let times = "SELECT string_agg(DISTINCT pg_xact_commit_timestamp(xmin)::text, ',')
+                   FROM t WHERE id <= 100";
+    assert_eq!(b.safe_psql(times), a.safe_psql(times));
+    assert_eq!(
+        b.safe_psql(
+            "SELECT count(*) FROM t
+              WHERE id <= 100 AND (pg_xact_commit_timestamp_origin(xmin)).roident <> 0"
+        ),
+        "100"
+    );
 
     a.safe_psql("UPDATE t SET v = 'updated on a', n = n * 2 WHERE id BETWEEN 150 AND 160");
     b.safe_psql("DELETE FROM t WHERE id <= 10");
