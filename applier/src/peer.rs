@@ -352,7 +352,19 @@ impl Session {
                 () = sleep_until_some(flush_at) => self.ask_flush(),
                 durable = answer_of(&mut self.flushing) => {
                     let asked = self.flushing.take().expect("a flush was asked");
-                    self.on_durable(Lsn(durable?), asked.committed, asked.idle_end);
+                    match durable {
+                        Ok(durable) => {
+                            self.on_durable(Lsn(durable), asked.committed, asked.idle_end);
+                        }
+                        Err(e) if e.is_closed() => return Err(e.into()),
+                        // The first session may be in a transaction that a
+                        // failed statement aborted (pipelined apply rolls it
+                        // back and goes on): asked again shortly.
+                        Err(e) => {
+                            debug!(error = %e, "reading the durable position failed; asking again");
+                            self.flush_at = Some(tokio::time::Instant::now() + FLUSH_DELAY);
+                        }
+                    }
                     if self.sent.1 != self.flushed {
                         self.send_status(false).await?;
                     }
