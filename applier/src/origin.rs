@@ -20,6 +20,14 @@ pub fn name_for(node: NodeId) -> String {
     format!("bdr_{node:016x}")
 }
 
+/// The settings of every session that applies remote transactions:
+/// triggers and foreign keys behave as on a replica; a commit does not
+/// wait for the WAL flush (nor for this node's synchronous standbys): the
+/// flush position sent to the peer comes from the origin's progress read
+/// with a flush (see the `peer` module), never from a COMMIT.
+pub(crate) const APPLY_SETTINGS: &str =
+    "SET session_replication_role = replica; SET synchronous_commit = off";
+
 /// Creates the origin for `peer` if missing, binds the session of `client`
 /// to it, makes the session apply as a replica, and returns the origin's
 /// durable progress (the end LSN of the last applied transaction; invalid
@@ -42,13 +50,7 @@ pub(crate) async fn bind_session(
             &[&name],
         )
         .await?;
-    // Triggers and foreign keys behave as on a replica; a commit does not
-    // wait for the WAL flush (nor for this node's synchronous standbys):
-    // the flush position sent to the peer comes from the origin's progress
-    // read with a flush (see the `peer` module), never from a COMMIT.
-    client
-        .batch_execute("SET session_replication_role = replica; SET synchronous_commit = off")
-        .await?;
+    client.batch_execute(APPLY_SETTINGS).await?;
     let row = client
         .query_one(
             "SELECT pg_catalog.pg_replication_origin_progress($1, true)",

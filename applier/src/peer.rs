@@ -469,7 +469,7 @@ impl Session {
         for _ in 0..commits {
             crate::fault::after_commit();
         }
-        self.committed(Lsn(end));
+        self.on_committed(Lsn(end));
         if self.last_status.elapsed() >= STATUS_AFTER_COMMIT {
             self.send_status(false).await?;
         }
@@ -477,7 +477,7 @@ impl Session {
     }
 
     /// Remote transactions up to `end` are committed here.
-    fn committed(&mut self, end: Lsn) {
+    fn on_committed(&mut self, end: Lsn) {
         self.committed = self.committed.max(end);
         self.applied = self.applied.max(end);
         if self.committed > self.flushed && self.flush_at.is_none() {
@@ -502,7 +502,7 @@ impl Session {
             warn!(error = %e, "rolling back the open transaction failed");
         }
         if let Some((end, _)) = self.applier.take_confirmed() {
-            self.committed(Lsn(end));
+            self.on_committed(Lsn(end));
         }
         if result.is_ok() {
             // The peer learns the final position, durable.

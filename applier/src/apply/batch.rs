@@ -119,13 +119,9 @@ impl Batch {
         origin: String,
     ) -> Result<Option<Batch>, ApplyError> {
         let mut wire = Wire::connect(config).await?;
-        // As the first session (see `origin::bind_session`).
+        wire.simple(crate::origin::APPLY_SETTINGS).await?;
         // COMMIT warns that no transaction block is open (see above).
-        wire.simple(
-            "SET session_replication_role = replica; SET synchronous_commit = off; \
-             SET client_min_messages = error",
-        )
-        .await?;
+        wire.simple("SET client_min_messages = error").await?;
         // A setting for superusers, which the applier's user may not be.
         let checked = match wire.simple("SET bdr.apply_require_row = on").await {
             Ok(()) => wire.extended("DELETE FROM bdr.nodes WHERE false").await,
