@@ -21,6 +21,18 @@ CREATE FUNCTION bdr.xact_origin(xid) RETURNS oid
 COMMENT ON FUNCTION bdr.xact_origin(xid) IS
     'the replication origin of the transaction''s commit (0: local), NULL when unknown; (pg_xact_commit_timestamp_origin(xid)).roident without the record';
 
+-- Row changes of a remote transaction applied by the server itself, as
+-- PostgreSQL's apply worker applies them (bdr-applier's batched session;
+-- see plugin/src/apply.rs and protocol/src/apply.rs). It writes without
+-- the checks of SQL statements, so it is for superusers only.
+CREATE FUNCTION bdr.apply_changes(changes bytea, end_lsn pg_lsn, commit_time timestamptz, origin oid)
+    RETURNS bigint
+    LANGUAGE c VOLATILE
+    AS 'MODULE_PATHNAME', 'apply_changes';
+REVOKE ALL ON FUNCTION bdr.apply_changes(bytea, pg_lsn, timestamptz, oid) FROM PUBLIC;
+COMMENT ON FUNCTION bdr.apply_changes(bytea, pg_lsn, timestamptz, oid) IS
+    'applies the row changes of one remote transaction (bdr-applier''s batched session); an UPDATE or DELETE must find its row last written by origin (NULL: any); with end_lsn, records the transaction in the session''s replication origin';
+
 -- Membership: the nodes of the group as this node knows them. bdr-applier
 -- streams from every active node other than itself, and watches this
 -- table for changes. Rows are written with `bdr-applier init` and

@@ -13,6 +13,7 @@
 
 use pgrx::prelude::*;
 
+mod apply;
 mod datum;
 mod guard;
 mod inspect;

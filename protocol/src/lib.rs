@@ -41,6 +41,7 @@
 //! The startup handshake ([`STARTUP_VERSION`]) is versioned apart from the
 //! stream messages ([`PROTOCOL_VERSIONS`]); see [`startup`].
 
+pub mod apply;
 mod change;
 mod error;
 mod message;

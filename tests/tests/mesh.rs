@@ -346,6 +346,10 @@ fn values_of_every_column_type_arrive_intact_through_batches() {
         CREATE TABLE custom (id int PRIMARY KEY, m mood, p pair, s small, t text);";
     let mut mesh = Mesh::new(&["a", "b"], schema);
     mesh.applier("b").stop();
+    // Counts the calls of bdr.apply_changes that succeed.
+    mesh.node("b")
+        .safe_psql("ALTER SYSTEM SET track_functions = 'all'");
+    mesh.node("b").safe_psql("SELECT pg_reload_conf()");
     mesh.node("a").safe_psql(
         r"INSERT INTO every
           SELECT g, g - 50, g * 100000000000, g % 2 = 0, g / 3.0, g / 7.0, g * 1.5 - 0.001,
@@ -371,9 +375,41 @@ fn values_of_every_column_type_arrive_intact_through_batches() {
         mesh.assert_same(&fingerprint("custom", "id"))
             .starts_with("40:")
     );
+    // Every column set again by UPDATEs (one leaving the key to find
+    // the row by, one changing it), and DELETEs by key.
+    mesh.node("a").safe_psql(
+        r#"UPDATE every SET i2 = -i2, i8 = i8 + 1, b = NOT b, f4 = f4 * 2, f8 = -f8, n = n + 0.5,
+                 t = t || ' upd', vc = 'u' || id, c = 'u', by = by || '\x00'::bytea,
+                 ts = ts + interval '1 s', d = d + 1, u = md5(id::text || 'u')::uuid,
+                 j = j || '{"u": true}', ia = ia || id, ta = ta || 'u'::text,
+                 iv = iv * 2, ip = ip + 1
+           WHERE id % 2 = 0;
+          UPDATE custom SET m = 'happy', p = ROW(-id, NULL), s = s + 1, t = NULL WHERE id <= 20"#,
+    );
+    mesh.node("a").safe_psql(
+        "DELETE FROM every WHERE id % 5 = 0;
+         UPDATE every SET id = id + 1000 WHERE id > 120;
+         DELETE FROM custom WHERE id > 35",
+    );
+    mesh.wait_for_catchup();
+    assert!(
+        mesh.assert_same(&fingerprint("every", "id"))
+            .starts_with("104:")
+    );
+    assert!(
+        mesh.assert_same(&fingerprint("custom", "id"))
+            .starts_with("35:")
+    );
     let log = mesh.applier("b").log();
     assert!(!log.contains("batch failed"), "{log}");
     assert!(!log.contains(" ERROR "), "{log}");
+    // The server applied them: the session's check, then each of the
+    // three transactions (a call that fails is not counted).
+    mesh.node("b").poll_query_until(
+        "SELECT coalesce(sum(calls), 0) >= 4 FROM pg_stat_user_functions
+          WHERE schemaname = 'bdr' AND funcname = 'apply_changes'",
+        "t",
+    );
 }
 
 #[test]

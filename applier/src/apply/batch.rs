@@ -11,6 +11,23 @@
 //!  changes; origin set-up; COMMIT; changes; ...; COMMIT; Sync
 //! ```
 //!
+//! Row changes of tables that suit it do not even go out as statements:
+//! the transaction's changes, as received, are one call of the bdr
+//! library's `bdr.apply_changes` (`plugin/src/apply.rs`), which applies
+//! them in the server as PostgreSQL's apply worker does and records the
+//! origin's progress, followed by the COMMIT:
+//!
+//! ```text
+//!  SELECT bdr.apply_changes(changes, end lsn, commit time, origin); COMMIT; ...
+//! ```
+//!
+//! It raises an error where a statement would have touched no row or hit a
+//! unique key, so the fallback below is the same. A table suits it when
+//! the remote rows carry all its columns and none is generated; UPDATE and
+//! DELETE also need a unique index on the replica identity (see
+//! `relation::in_server`). Other changes (and TRUNCATE) go out as
+//! statements, after a call with the changes before them.
+//!
 //! There is no BEGIN, one statement less per transaction: in the extended
 //! protocol the statements before a Sync run in one implicit transaction,
 //! and a COMMIT ends it (with a warning that the session does not send:
@@ -42,7 +59,8 @@
 
 use std::collections::VecDeque;
 
-use bdr_protocol::{Lsn, Message, Messages};
+use bdr_protocol::apply::{LocalRelation, write_changes_head};
+use bdr_protocol::{Lsn, Message, Messages, RelId};
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
@@ -101,6 +119,37 @@ pub(super) struct Batch {
     /// (otherwise to the applier's other one, which applies meanwhile).
     on_wire: bool,
     origin: String,
+    /// Whether row changes go to `bdr.apply_changes` (see [`ServerChanges`]).
+    in_server: bool,
+    /// The open transaction's changes waiting for that function.
+    server: ServerChanges,
+}
+
+/// Row changes of the open transaction that the server applies itself
+/// (`bdr.apply_changes`, in the bdr library) instead of one statement per
+/// change: the stream messages as received, and the relations they refer
+/// to. They go out as one call at the transaction's COMMIT, or before
+/// anything of the transaction that goes out as a statement.
+#[derive(Debug, Default)]
+struct ServerChanges {
+    relations: Vec<RelId>,
+    messages: Vec<u8>,
+    /// The origin whose rows the changes may update or delete (NULL when
+    /// conflicts are not detected).
+    origin: Option<u32>,
+    /// The call's argument, reused.
+    payload: Vec<u8>,
+}
+
+/// The call of the bdr library's apply function.
+const APPLY_CHANGES: &str =
+    "SELECT bdr.apply_changes($1::bytea, $2::pg_lsn, $3::timestamptz, $4::oid)";
+
+/// Whether the batched session hands row changes to `bdr.apply_changes`:
+/// unless `BDR_APPLY_IN_SERVER=off`, which the benchmark sets to measure
+/// the statements it replaces.
+fn apply_in_server() -> bool {
+    std::env::var("BDR_APPLY_IN_SERVER").map_or(true, |v| v != "off")
 }
 
 /// Unwritten bytes after which the applier waits for the batch in flight
@@ -141,6 +190,18 @@ impl Batch {
         if let Err(e) = wire.simple("SET log_min_messages = log").await {
             debug!(error = %e, "log_min_messages unchanged");
         }
+        // An empty call: the function is there and may be called.
+        let in_server = apply_in_server()
+            && match wire
+                .simple("SELECT bdr.apply_changes('\\x0100'::bytea, NULL, NULL, NULL)")
+                .await
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "bdr.apply_changes cannot be called (is the bdr extension up to date?): changes go out as statements");
+                    false
+                }
+            };
         Ok(Some(Batch {
             wire,
             sent: VecDeque::new(),
@@ -152,6 +213,8 @@ impl Batch {
             next_seq: 0,
             on_wire: false,
             origin,
+            in_server,
+            server: ServerChanges::default(),
         }))
     }
 
@@ -212,6 +275,16 @@ impl Batch {
             (Some(_), Some(t)) => t.bytes,
             _ => 0,
         }
+    }
+
+    /// Drops everything encoded and not written: the open transaction is
+    /// applied elsewhere.
+    fn drop_unsent(&mut self) {
+        self.wire.truncate(0);
+        self.unsent.clear();
+        self.open_at = None;
+        self.server.relations.clear();
+        self.server.messages.clear();
     }
 
     fn stmt(&mut self, sql: &str, params: &[Param<'_>], kind: Kind) -> Result<(), ApplyError> {
@@ -313,7 +386,22 @@ impl Applier {
             // The implicit transaction starts with the first statement.
             return Ok(());
         }
-        self.batch.as_mut().expect("batched").keep(raw);
+        self.batch.as_mut().expect("batched").keep(raw.clone());
+        let change = match msg {
+            Message::Insert(m) => Some(("INSERT", m.rel_id)),
+            Message::Update(m) => Some(("UPDATE", m.rel_id)),
+            Message::Delete(m) => Some(("DELETE", m.rel_id)),
+            _ => None,
+        };
+        if let Some((what, rel_id)) = change
+            && self.keep_for_server(what, rel_id, &raw)?
+        {
+            return Ok(());
+        }
+        // Whatever goes out as a statement goes after the changes before it.
+        if !matches!(msg, Message::Commit(_)) {
+            self.flush_server(None)?;
+        }
         if !matches!(msg, Message::Insert(_)) {
             self.flush_batched_inserts()?;
         }
@@ -323,12 +411,15 @@ impl Applier {
                 let Some(open) = self.txn.take() else {
                     return Err(ApplyError::OutsideTransaction("COMMIT"));
                 };
-                let params = [
-                    Param::eight_bytes(m.end_lsn),
-                    Param::eight_bytes(open.commit_time as u64),
-                ];
+                if !self.flush_server(Some((m.end_lsn, open.commit_time)))? {
+                    let params = [
+                        Param::eight_bytes(m.end_lsn),
+                        Param::eight_bytes(open.commit_time as u64),
+                    ];
+                    let b = self.batch.as_mut().expect("batched");
+                    b.stmt(super::XACT_SETUP, &params, Kind::Done)?;
+                }
                 let b = self.batch.as_mut().expect("batched");
-                b.stmt(super::XACT_SETUP, &params, Kind::Done)?;
                 b.stmt("COMMIT", &[], Kind::Commit(m.end_lsn))?;
                 b.open_at = None;
                 Ok(())
@@ -387,6 +478,75 @@ impl Applier {
             }
             Message::Startup(_) => Err(ApplyError::UnexpectedStartup),
         }
+    }
+
+    /// Keeps a row change for `bdr.apply_changes` when its relation
+    /// suits it; whether it did.
+    fn keep_for_server(
+        &mut self,
+        what: &'static str,
+        rel_id: RelId,
+        raw: &[u8],
+    ) -> Result<bool, ApplyError> {
+        if !self.batch.as_ref().is_some_and(|b| b.in_server) {
+            return Ok(false);
+        }
+        let remote = self.require_txn(what)?;
+        // Without an index to find rows by, INSERTs only.
+        let suits = match &self.relations.get(rel_id)?.local {
+            Some(local) => local.index != 0 || what == "INSERT",
+            None => false,
+        };
+        if !suits {
+            return Ok(false);
+        }
+        // INSERTs held back for a statement went first.
+        self.flush_batched_inserts()?;
+        let b = self.batch.as_mut().expect("batched");
+        let server = &mut b.server;
+        if !server.relations.contains(&rel_id) {
+            server.relations.push(rel_id);
+        }
+        server.messages.extend_from_slice(raw);
+        server.origin = super::sql::detect_conflicts().then_some(remote.roident);
+        Ok(true)
+    }
+
+    /// Encodes the call of `bdr.apply_changes` with the changes kept for
+    /// it, recording the transaction's end LSN and commit time when `end`
+    /// is given; whether there was anything to call it with.
+    fn flush_server(&mut self, end: Option<(Lsn, i64)>) -> Result<bool, ApplyError> {
+        let Some(b) = self.batch.as_mut() else {
+            return Ok(false);
+        };
+        if b.server.relations.is_empty() {
+            return Ok(false);
+        }
+        let mut server = std::mem::take(&mut b.server);
+        server.payload.clear();
+        let described: Vec<&LocalRelation> = server
+            .relations
+            .iter()
+            .filter_map(|id| self.relations.peek(*id).and_then(|r| r.local.as_ref()))
+            .collect();
+        write_changes_head(&mut server.payload, described.into_iter());
+        server.payload.extend_from_slice(&server.messages);
+        let (lsn, time) = match end {
+            Some((lsn, time)) => (Param::eight_bytes(lsn), Param::eight_bytes(time as u64)),
+            None => (Param::Null, Param::Null),
+        };
+        let params = [
+            Param::Binary(&server.payload),
+            lsn,
+            time,
+            server.origin.map_or(Param::Null, Param::four_bytes),
+        ];
+        let b = self.batch.as_mut().expect("batched");
+        let sent = b.stmt(APPLY_CHANGES, &params, Kind::Done);
+        server.relations.clear();
+        server.messages.clear();
+        b.server = server;
+        sent.map(|()| true)
     }
 
     /// Encodes the INSERTs held back (see [`Applier::flush_inserts`]).
@@ -496,9 +656,7 @@ impl Applier {
     async fn recover(&mut self, seq: u64, why: String, status: u8) -> Result<(), ApplyError> {
         let b = self.batch.as_mut().expect("batched");
         // What was encoded since is applied again too, from its messages.
-        b.wire.truncate(0);
-        b.unsent.clear();
-        b.open_at = None;
+        b.drop_unsent();
         if status != b'I' {
             b.wire.simple("ROLLBACK").await?;
         }
@@ -564,9 +722,7 @@ impl Applier {
             messages = open.messages.len(),
             "handing the transaction over"
         );
-        b.wire.truncate(0);
-        b.unsent.clear();
-        b.open_at = None;
+        b.drop_unsent();
         self.run = None;
         self.txn = None;
         self.origin_to_other().await?;

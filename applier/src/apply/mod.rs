@@ -48,8 +48,10 @@
 //! replay meets them: it runs with the server's setting).
 //!
 //! Batched (the default with pipelining): whole transactions go out on a
-//! second session, many per round trip, and a failed one (with everything
-//! after it) is applied again on this session as above; see [`batch`].
+//! second session, many per round trip, their row changes applied by the
+//! server itself (`bdr.apply_changes`) where the table allows, and a
+//! failed one (with everything after it) is applied again on this session
+//! as above; see [`batch`].
 //!
 //! One handler per message kind, dispatched from one `match`, like
 //! PostgreSQL's apply worker.

@@ -11,17 +11,19 @@
 
 use std::collections::HashMap;
 
+use bdr_protocol::apply::{LocalColumn, LocalRelation};
 use bdr_protocol::{Oid, RelId, Relation, ReplicaIdentity};
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{Client, Row, Statement};
 
 use super::ApplyError;
 use super::sql;
 
 /// Looks up the local table's columns: name, type OID, type schema and
-/// name, generated flag, type as SQL writes it.
+/// name, generated flag, type as SQL writes it, column number, the
+/// table's OID and whether it is a plain table.
 const LOCAL_COLUMNS: &str = "\
 SELECT a.attname::text, a.atttypid::oid, tn.nspname::text, t.typname::text, a.attgenerated <> '',
-       pg_catalog.format_type(a.atttypid, NULL)
+       pg_catalog.format_type(a.atttypid, NULL), a.attnum::int2, c.oid, c.relkind = 'r'
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -33,9 +35,11 @@ SELECT a.attname::text, a.atttypid::oid, tn.nspname::text, t.typname::text, a.at
 /// The local table's unique indexes that conflicts are looked up by:
 /// valid, immediate, on plain columns and without a predicate (others are
 /// left to the database's own checks), the primary key first. Key columns
-/// only (not INCLUDE columns).
+/// only (not INCLUDE columns). With each, its OID and whether it is a
+/// btree.
 const LOCAL_UNIQUE: &str = "\
-SELECT ic.relname::text, array_agg(a.attname::text ORDER BY k.ord)
+SELECT ic.relname::text, array_agg(a.attname::text ORDER BY k.ord), i.indexrelid,
+       ic.relam = (SELECT oid FROM pg_catalog.pg_am WHERE amname = 'btree')
   FROM pg_catalog.pg_index i
   JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
   JOIN pg_catalog.pg_class c ON c.oid = i.indrelid
@@ -45,7 +49,7 @@ SELECT ic.relname::text, array_agg(a.attname::text ORDER BY k.ord)
  WHERE n.nspname = $1 AND c.relname = $2
    AND i.indisunique AND i.indisvalid AND i.indimmediate
    AND i.indpred IS NULL AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
- GROUP BY ic.relname, i.indisprimary
+ GROUP BY ic.relname, i.indisprimary, i.indexrelid, ic.relam
  ORDER BY i.indisprimary DESC, ic.relname";
 
 /// A statement of the no-conflict path, by what it does.
@@ -65,6 +69,8 @@ pub(crate) enum Shape {
 pub(crate) struct UniqueIndex {
     pub(crate) name: String,
     pub(crate) columns: Vec<usize>,
+    oid: Oid,
+    btree: bool,
 }
 
 /// One remote column, matched to a local one.
@@ -94,6 +100,9 @@ pub(crate) struct MappedRelation {
     pub(crate) key: Vec<usize>,
     /// The local unique indexes whose columns the remote rows carry.
     pub(crate) unique: Vec<UniqueIndex>,
+    /// The description `bdr.apply_changes` applies changes by, when the
+    /// table suits it (see [`in_server`]).
+    pub(crate) local: Option<LocalRelation>,
     insert: Option<Statement>,
     /// Multi-row INSERTs, by number of rows (powers of two).
     insert_rows: HashMap<usize, Statement>,
@@ -118,6 +127,7 @@ impl MappedRelation {
             return Err(ApplyError::MissingTable { relation: display });
         }
         let mut columns = Vec::with_capacity(remote.columns.len());
+        let mut local_columns = Vec::with_capacity(remote.columns.len());
         for col in &remote.columns {
             let local = rows
                 .iter()
@@ -159,6 +169,11 @@ impl MappedRelation {
                 remote_type: col.type_oid,
                 local_type: sql::qualified(local_schema, local_type),
             });
+            local_columns.push(LocalColumn {
+                attnum: u16::try_from(local.get::<_, i16>(6)).unwrap_or(0),
+                type_oid: local_oid,
+                key: col.key,
+            });
         }
         let mut key: Vec<usize> = remote
             .columns
@@ -171,6 +186,7 @@ impl MappedRelation {
             key = (0..columns.len()).collect();
         }
         let unique = unique_indexes(client, remote, &columns).await?;
+        let local = in_server(remote, &rows, &unique, local_columns);
         Ok(MappedRelation {
             display,
             schema: remote.schema.into(),
@@ -179,6 +195,7 @@ impl MappedRelation {
             columns,
             key,
             unique,
+            local,
             insert: None,
             insert_rows: HashMap::new(),
             update_all: [None, None],
@@ -322,6 +339,45 @@ impl MappedRelation {
     }
 }
 
+/// The description of `remote` for `bdr.apply_changes`, when its changes
+/// can be applied there: the local table is a plain one whose every column
+/// the remote rows carry (the server fills no defaults), none of them
+/// generated. UPDATEs and DELETEs also need a unique btree index of the
+/// local table on the remote replica identity's columns (no more, no
+/// fewer) to find rows by; without one the description has no index (0)
+/// and only INSERTs go to the server. Otherwise changes go out as
+/// statements.
+fn in_server(
+    remote: &Relation<'_>,
+    local_rows: &[Row],
+    unique: &[UniqueIndex],
+    columns: Vec<LocalColumn>,
+) -> Option<LocalRelation> {
+    let plain = local_rows.first()?.get::<_, bool>(8);
+    let all_carried = local_rows.iter().all(|r| {
+        !r.get::<_, bool>(4) && remote.columns.iter().any(|c| c.name == r.get::<_, &str>(0))
+    });
+    if !plain || !all_carried || columns.iter().any(|c| c.attnum == 0) {
+        return None;
+    }
+    let key: Vec<usize> = (0..columns.len()).filter(|&i| columns[i].key).collect();
+    let index = unique
+        .iter()
+        .find(|u| {
+            let mut cols = u.columns.clone();
+            cols.sort_unstable();
+            cols.dedup();
+            u.btree && !key.is_empty() && cols == key
+        })
+        .map_or(0, |u| u.oid);
+    Some(LocalRelation {
+        rel_id: remote.rel_id,
+        table: local_rows[0].get(7),
+        index,
+        columns,
+    })
+}
+
 /// The unique indexes of the local table for `remote`, by remote column
 /// positions; indexes on a column the remote rows lack are left out.
 async fn unique_indexes(
@@ -343,6 +399,8 @@ async fn unique_indexes(
             out.push(UniqueIndex {
                 name: row.get(0),
                 columns,
+                oid: row.get(2),
+                btree: row.get(3),
             });
         }
     }
@@ -360,6 +418,11 @@ impl RelationMap {
     /// statements of) any earlier definition.
     pub(crate) fn define(&mut self, id: RelId, relation: MappedRelation) {
         self.by_id.insert(id, relation);
+    }
+
+    /// The relation under `id`, if defined.
+    pub(crate) fn peek(&self, id: RelId) -> Option<&MappedRelation> {
+        self.by_id.get(&id)
     }
 
     pub(crate) fn get(&mut self, id: RelId) -> Result<&mut MappedRelation, ApplyError> {

@@ -1,0 +1,745 @@
+//! `bdr.apply_changes(changes, end_lsn, commit_time, origin)`: the row
+//! changes of a remote transaction, applied by the receiving node's server
+//! through the executor's replication routines (`execReplication.c`), as
+//! PostgreSQL's apply worker applies them, instead of one SQL statement
+//! per change.
+//!
+//! `bdr-applier` calls it in its batched session (see
+//! `applier/src/apply/batch.rs`): one call per remote transaction, then
+//! COMMIT. The argument (`bdr_protocol::apply`) carries the stream's
+//! INSERT, UPDATE and DELETE messages unchanged and, per relation, the
+//! local table, the unique index that finds rows by the replica identity,
+//! and the local column of each remote column.
+//!
+//! Conflicts are not resolved here. Anything but the plain case is an
+//! ERROR, which fails the call (and so the transaction and the rest of the
+//! batch); the applier then applies the transaction again one statement
+//! at a time, through its conflict path:
+//!
+//! - an UPDATE or DELETE that finds no row by its key, or a row last
+//!   written by another origin than the change's (`no_data_found`, as
+//!   `bdr.apply_require_row`); a row whose last writer is unknown (frozen,
+//!   or written earlier in the same transaction) is applied to, as by the
+//!   statements of the applier's no-conflict path;
+//! - a row that hits a unique key (unique_violation, from the index);
+//! - a NULL key value, a value that does not fit its column, a relation
+//!   whose table, columns or index no longer match the description.
+//!
+//! Each change runs in its own command (the next one sees it), with the
+//! transaction's snapshot for constraints; triggers fire as they would for
+//! the applier's statements (the session runs with
+//! `session_replication_role = replica`), AFTER triggers at the end of
+//! the call. With `end_lsn` given, the call also records the remote
+//! transaction in the session's replication origin, as
+//! `pg_replication_origin_xact_setup(end_lsn, commit_time)`.
+//!
+//! Only superusers may call it: it writes to tables without the checks of
+//! SQL statements (privileges, row security, rules), as the apply worker
+//! does.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{CStr, c_char};
+
+use bdr_protocol::apply::{LocalRelation, read_changes};
+use bdr_protocol::{Datum as Value, INT2_OID, INT4_OID, INT8_OID, Message, RelId};
+use pgrx::PgSqlErrorCode;
+use pgrx::pg_sys;
+
+use crate::pg::{new_context, raise, switch_to};
+
+/// How one column's values become datums: the type's receive and input
+/// functions, looked up on first use and kept across calls.
+struct ColumnIo {
+    receive: Option<(Box<pg_sys::FmgrInfo>, pg_sys::Oid)>,
+    input: Option<(Box<pg_sys::FmgrInfo>, pg_sys::Oid)>,
+}
+
+/// A relation as described by the applier, with its columns' functions.
+struct Described {
+    desc: LocalRelation,
+    io: Vec<ColumnIo>,
+}
+
+thread_local! {
+    /// The relations described so far, by stream relation id. Taken out
+    /// for a call and put back after it: a call that fails starts the
+    /// next one from scratch.
+    static DESCRIBED: RefCell<HashMap<RelId, Described>> = RefCell::new(HashMap::new());
+    /// Where the functions' lookups (and their caches) live.
+    static CACHE_CXT: std::cell::Cell<pg_sys::MemoryContext> =
+        const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// The table one described relation is applied to, open for the call.
+struct Target {
+    rel: pg_sys::Relation,
+    rri: *mut pg_sys::ResultRelInfo,
+    /// The range table entry, whose updated columns each UPDATE sets.
+    rte: *mut pg_sys::RangeTblEntry,
+    /// The local row found by key.
+    local: *mut pg_sys::TupleTableSlot,
+    /// The key values that find it.
+    search: *mut pg_sys::TupleTableSlot,
+    /// The row to write.
+    new: *mut pg_sys::TupleTableSlot,
+    natts: usize,
+}
+
+const NO_ROW: PgSqlErrorCode = PgSqlErrorCode::ERRCODE_NO_DATA_FOUND;
+
+/// `pg_finfo` record of [`apply_changes`]: a version-1 C function (its
+/// arguments include `pg_lsn`, which pgrx does not convert).
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_apply_changes() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `bdr.apply_changes(changes bytea, end_lsn pg_lsn, commit_time
+/// timestamptz, origin oid) RETURNS bigint`: applies the changes and
+/// returns how many. `origin` is the replication origin id that rows
+/// changed by an UPDATE or DELETE must have been last written by (NULL:
+/// any). `end_lsn` and `commit_time`, when not NULL, are recorded with the
+/// transaction's commit in the session's replication origin.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with the four arguments of the
+/// SQL signature.
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn apply_changes(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: the function manager passes a valid call with four
+    // arguments (the SQL signature).
+    let args = unsafe { (*fcinfo).args.as_slice(4) };
+    let arg = |i: usize| (!args[i].isnull).then_some(args[i].value);
+    // SAFETY: a plain catalog check of the current user.
+    if !unsafe { pg_sys::superuser() } {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "bdr.apply_changes may only be called by a superuser".into(),
+            None,
+        );
+    }
+    let Some(changes) = arg(0) else {
+        raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "bdr.apply_changes: the changes are NULL".into(),
+            None,
+        );
+    };
+    let origin = arg(3).map(|d| d.value() as u32);
+    // SAFETY: a bytea argument, detoasted into the call's memory.
+    let bytes = unsafe {
+        let v = pg_sys::pg_detoast_datum_packed(changes.cast_mut_ptr());
+        std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(v).cast::<u8>(),
+            pgrx::varlena::varsize_any_exhdr(v),
+        )
+    };
+    // SAFETY: runs in a backend, in a transaction (a SQL function call).
+    let applied = unsafe { apply(bytes, origin) };
+    if let Some(end_lsn) = arg(1) {
+        // SAFETY: backend globals, read at the commit of this transaction.
+        unsafe {
+            if pg_sys::replorigin_session_origin == pg_sys::InvalidRepOriginId as u16 {
+                raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "bdr.apply_changes: no replication origin is configured in this session".into(),
+                    None,
+                );
+            }
+            pg_sys::replorigin_session_origin_lsn = end_lsn.value() as u64;
+            pg_sys::replorigin_session_origin_timestamp = arg(2).map_or(0, |d| d.value() as i64);
+        }
+    }
+    pg_sys::Datum::from(applied)
+}
+
+/// Applies the changes of `bytes`; how many.
+///
+/// # Safety
+/// Must run in a backend, inside a transaction.
+unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
+    let (relations, start, messages) = match read_changes(bytes) {
+        Ok(parts) => parts,
+        Err(e) => bad_input(format!("bdr.apply_changes: {e}")),
+    };
+    let mut described = DESCRIBED.take();
+    // SAFETY: the cache context is created once, under TopMemoryContext.
+    let cache_cxt = unsafe { cache_context() };
+    if described.is_empty() {
+        // Lookups left behind by a failed call.
+        // SAFETY: nothing refers to the context's memory any more.
+        unsafe { pg_sys::MemoryContextReset(cache_cxt) };
+    }
+    let mut slot_of: HashMap<RelId, usize> = HashMap::with_capacity(relations.len());
+    for (i, r) in relations.iter().enumerate() {
+        slot_of.insert(r.rel_id, i);
+        if described.get(&r.rel_id).is_none_or(|d| d.desc != *r) {
+            let io = r
+                .columns
+                .iter()
+                .map(|_| ColumnIo {
+                    receive: None,
+                    input: None,
+                })
+                .collect();
+            described.insert(
+                r.rel_id,
+                Described {
+                    desc: r.clone(),
+                    io,
+                },
+            );
+        }
+    }
+    // SAFETY: the executor set-up of execReplication.c's callers: one
+    // range table entry and result relation per table, AFTER triggers
+    // queued for the call.
+    unsafe {
+        let estate = pg_sys::CreateExecutorState();
+        let query_cxt = (*estate).es_query_cxt;
+        let outer = switch_to(query_cxt);
+        let mut rtable: *mut pg_sys::List = std::ptr::null_mut();
+        for r in &relations {
+            let rte = make_node::<pg_sys::RangeTblEntry>(pg_sys::NodeTag::T_RangeTblEntry);
+            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+            (*rte).relid = pg_sys::Oid::from(r.table);
+            (*rte).relkind = pg_sys::RELKIND_RELATION as c_char;
+            (*rte).rellockmode = pg_sys::AccessShareLock as i32;
+            rtable = pg_sys::lappend(rtable, rte.cast());
+        }
+        pg_sys::ExecInitRangeTable(estate, rtable);
+        let mut epq: Box<pg_sys::EPQState> = Box::new(std::mem::zeroed());
+        pg_sys::EvalPlanQualInit(
+            &mut *epq,
+            estate,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            -1,
+        );
+        pg_sys::AfterTriggerBeginQuery();
+        let row_cxt = new_context(query_cxt, c"bdr apply change");
+        let mut targets: Vec<Option<Target>> = relations.iter().map(|_| None).collect();
+        let mut applied = 0i64;
+        for (n, msg) in messages.enumerate() {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => bad_input(format!(
+                    "bdr.apply_changes: change {n} (messages start at byte {start}): {e}"
+                )),
+            };
+            let rel_id = match &msg {
+                Message::Insert(m) => m.rel_id,
+                Message::Update(m) => m.rel_id,
+                Message::Delete(m) => m.rel_id,
+                other => bad_input(format!(
+                    "bdr.apply_changes: change {n} is a {:?} message, not a row change",
+                    char::from(other.tag())
+                )),
+            };
+            let Some(&i) = slot_of.get(&rel_id) else {
+                bad_input(format!(
+                    "bdr.apply_changes: change {n} refers to relation id {rel_id}, which the changes do not describe"
+                ));
+            };
+            let entry = described.get_mut(&rel_id).expect("described above");
+            let target = match &mut targets[i] {
+                Some(t) => t,
+                slot => slot.insert(open_target(estate, &entry.desc, i + 1)),
+            };
+            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            switch_to(row_cxt);
+            match &msg {
+                Message::Insert(m) => {
+                    fill(target.new, target.natts, entry, &m.new, cache_cxt, false);
+                    pg_sys::ExecSimpleRelationInsert(target.rri, estate, target.new);
+                }
+                Message::Update(m) => {
+                    let key = m.old.as_ref().map_or(&m.new, |o| &o.tuple);
+                    find(target, entry, key, origin, cache_cxt, "UPDATE");
+                    pg_sys::slot_getallattrs(target.local);
+                    let new = target.new;
+                    pg_sys::ExecClearTuple(new);
+                    std::ptr::copy_nonoverlapping(
+                        (*target.local).tts_values,
+                        (*new).tts_values,
+                        target.natts,
+                    );
+                    std::ptr::copy_nonoverlapping(
+                        (*target.local).tts_isnull,
+                        (*new).tts_isnull,
+                        target.natts,
+                    );
+                    let mut updated: *mut pg_sys::Bitmapset = std::ptr::null_mut();
+                    for (c, v) in entry.desc.columns.iter().zip(&m.new) {
+                        if *v != Value::UnchangedToast {
+                            updated = pg_sys::bms_add_member(
+                                updated,
+                                i32::from(c.attnum) - pg_sys::FirstLowInvalidHeapAttributeNumber,
+                            );
+                        }
+                    }
+                    set_values(new, entry, &m.new, cache_cxt, true);
+                    pg_sys::ExecStoreVirtualTuple(new);
+                    // Per-column triggers and index hints see what is set.
+                    (*target.rte).updatedCols = updated;
+                    pg_sys::ExecSimpleRelationUpdate(
+                        target.rri,
+                        estate,
+                        &mut *epq,
+                        target.local,
+                        new,
+                    );
+                    (*target.rte).updatedCols = std::ptr::null_mut();
+                }
+                Message::Delete(m) => {
+                    find(target, entry, &m.old.tuple, origin, cache_cxt, "DELETE");
+                    pg_sys::ExecSimpleRelationDelete(target.rri, estate, &mut *epq, target.local);
+                }
+                _ => unreachable!("checked above"),
+            }
+            switch_to(query_cxt);
+            pg_sys::ExecClearTuple(target.local);
+            pg_sys::ExecClearTuple(target.new);
+            pg_sys::ExecClearTuple(target.search);
+            pg_sys::MemoryContextReset(row_cxt);
+            if let Some(econtext) = (*estate).es_per_tuple_exprcontext.as_mut() {
+                pg_sys::MemoryContextReset(econtext.ecxt_per_tuple_memory);
+            }
+            pg_sys::CommandCounterIncrement();
+            applied += 1;
+        }
+        pg_sys::AfterTriggerEndQuery(estate);
+        for t in targets.into_iter().flatten() {
+            pg_sys::ExecCloseIndices(t.rri);
+            pg_sys::table_close(t.rel, pg_sys::NoLock as i32);
+        }
+        pg_sys::EvalPlanQualEnd(&mut *epq);
+        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+        switch_to(outer);
+        pg_sys::FreeExecutorState(estate);
+        DESCRIBED.set(described);
+        applied
+    }
+}
+
+/// Raises an error about the argument.
+fn bad_input(message: String) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_BINARY_REPRESENTATION,
+        message,
+        None,
+    )
+}
+
+/// The context that keeps the functions' lookups.
+///
+/// # Safety
+/// Must run in a backend.
+unsafe fn cache_context() -> pg_sys::MemoryContext {
+    CACHE_CXT.with(|c| {
+        if c.get().is_null() {
+            // SAFETY: TopMemoryContext lives as long as the backend.
+            c.set(unsafe { new_context(pg_sys::TopMemoryContext, c"bdr apply functions") });
+        }
+        c.get()
+    })
+}
+
+/// A zeroed node of type `T` in the current memory context (`makeNode`).
+///
+/// # Safety
+/// `T` must be the node struct of `tag`.
+unsafe fn make_node<T>(tag: pg_sys::NodeTag) -> *mut T {
+    // SAFETY: palloc0 returns zeroed memory of the size asked; every node
+    // starts with its tag.
+    unsafe {
+        let node = pg_sys::palloc0(std::mem::size_of::<T>()).cast::<T>();
+        *node.cast::<pg_sys::NodeTag>() = tag;
+        node
+    }
+}
+
+/// Opens the table of `desc` (range table index `rti`) for the call,
+/// after checking that it still is what the description says.
+///
+/// # Safety
+/// `estate` must be the call's executor state, current memory context its
+/// query context.
+unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: usize) -> Target {
+    // SAFETY: per the contract; every pointer comes from the server.
+    unsafe {
+        let rel = pg_sys::table_open(
+            pg_sys::Oid::from(desc.table),
+            pg_sys::RowExclusiveLock as i32,
+        );
+        let name = || {
+            let p = pg_sys::get_rel_name(pg_sys::Oid::from(desc.table));
+            if p.is_null() {
+                desc.table.to_string()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        let stale = |why: String| -> ! {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("bdr.apply_changes: table {}: {why}", name()),
+                None,
+            )
+        };
+        if (*(*rel).rd_rel).relkind as u8 != pg_sys::RELKIND_RELATION {
+            stale("not a plain table".into());
+        }
+        let tupdesc = (*rel).rd_att;
+        let natts = (*tupdesc).natts as usize;
+        let attrs = (*tupdesc).attrs.as_slice(natts);
+        let mut key_attnums = Vec::new();
+        for c in &desc.columns {
+            let a = usize::from(c.attnum);
+            let Some(att) = attrs.get(a - 1) else {
+                stale(format!("has no column {a}"));
+            };
+            if att.attisdropped || att.attgenerated != 0 || u32::from(att.atttypid) != c.type_oid {
+                stale(format!("column {a} is not the one described"));
+            }
+            if c.key {
+                key_attnums.push(c.attnum as i16);
+            }
+        }
+        // The index must be a unique one of this table whose key columns
+        // all are replica identity columns: the search slot holds those
+        // values only. Without one, INSERTs only (see `find`).
+        if desc.index != 0 && !index_finds_by(rel, desc.index, &key_attnums) {
+            stale(format!(
+                "index {} does not find rows by the key",
+                desc.index
+            ));
+        }
+        let rri = make_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
+        pg_sys::InitResultRelInfo(rri, rel, rti as pg_sys::Index, std::ptr::null_mut(), 0);
+        pg_sys::ExecOpenIndices(rri, false);
+        (*estate).es_opened_result_relations =
+            pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
+        let rte = pg_sys::list_nth((*estate).es_range_table, rti as i32 - 1).cast();
+        let local = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+        let virtual_slot =
+            || pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &raw const pg_sys::TTSOpsVirtual);
+        Target {
+            rel,
+            rri,
+            rte,
+            local,
+            search: virtual_slot(),
+            new: virtual_slot(),
+            natts,
+        }
+    }
+}
+
+/// Whether `index` is a valid, immediate unique index of `rel` on key
+/// columns only.
+///
+/// # Safety
+/// `rel` must be open.
+unsafe fn index_finds_by(rel: pg_sys::Relation, index: u32, key_attnums: &[i16]) -> bool {
+    // SAFETY: per the contract; the index is opened and closed here.
+    unsafe {
+        let idx = pg_sys::index_open(pg_sys::Oid::from(index), pg_sys::AccessShareLock as i32);
+        let form = &*(*idx).rd_index;
+        let keys = form.indnkeyatts as usize;
+        let usable = form.indrelid == (*rel).rd_id
+            && form.indisunique
+            && form.indisvalid
+            && form.indimmediate
+            && keys > 0
+            && form
+                .indkey
+                .values
+                .as_slice(keys)
+                .iter()
+                .all(|k| key_attnums.contains(k));
+        pg_sys::index_close(idx, pg_sys::NoLock as i32);
+        usable
+    }
+}
+
+/// Finds and locks the local row whose key columns hold the key values of
+/// `tuple`, last written by `origin` (or by an unknown writer); anything
+/// else is an ERROR (see the module documentation).
+///
+/// # Safety
+/// As for [`apply`], with `target` open.
+unsafe fn find(
+    target: &mut Target,
+    entry: &mut Described,
+    tuple: &[Value<'_>],
+    origin: Option<u32>,
+    cache_cxt: pg_sys::MemoryContext,
+    what: &str,
+) {
+    // SAFETY: per the contract.
+    unsafe {
+        check_width(entry, tuple);
+        let typmods: Vec<i32> = entry
+            .desc
+            .columns
+            .iter()
+            .map(|c| typmod(target, c.attnum))
+            .collect();
+        let Described { desc, io } = entry;
+        let search = target.search;
+        pg_sys::ExecClearTuple(search);
+        for i in 0..target.natts {
+            *(*search).tts_isnull.add(i) = true;
+        }
+        for (i, (c, v)) in desc.columns.iter().zip(tuple).enumerate() {
+            if !c.key {
+                continue;
+            }
+            if matches!(v, Value::Null | Value::UnchangedToast) {
+                raise(
+                    NO_ROW,
+                    format!(
+                        "bdr.apply_changes: {what} of table {} has no value for key column {}",
+                        (*target.rel).rd_id,
+                        c.attnum
+                    ),
+                    None,
+                );
+            }
+            let (d, null) = to_datum(&mut io[i], c.type_oid, typmods[i], v, cache_cxt);
+            let at = usize::from(c.attnum) - 1;
+            *(*search).tts_values.add(at) = d;
+            *(*search).tts_isnull.add(at) = null;
+        }
+        pg_sys::ExecStoreVirtualTuple(search);
+        if desc.index == 0 {
+            bad_input(format!(
+                "bdr.apply_changes: {what} of table {}, described without an index to find rows by",
+                (*target.rel).rd_id
+            ));
+        }
+        let found = pg_sys::RelationFindReplTupleByIndex(
+            target.rel,
+            pg_sys::Oid::from(desc.index),
+            pg_sys::LockTupleMode::LockTupleExclusive,
+            search,
+            target.local,
+        );
+        if !found {
+            raise(
+                NO_ROW,
+                format!(
+                    "bdr.apply_changes: {what}: no row of table {} has the key",
+                    (*target.rel).rd_id
+                ),
+                None,
+            );
+        }
+        let Some(origin) = origin else {
+            return;
+        };
+        let mut null = false;
+        let xmin = pg_sys::slot_getsysattr(
+            target.local,
+            pg_sys::MinTransactionIdAttributeNumber,
+            &mut null,
+        );
+        let xid = pg_sys::TransactionId::from_inner(xmin.value() as u32);
+        let mut ts: pg_sys::TimestampTz = 0;
+        let mut writer: pg_sys::RepOriginId = 0;
+        if !null
+            && pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut writer)
+            && u32::from(writer) != origin
+        {
+            raise(
+                NO_ROW,
+                format!(
+                    "bdr.apply_changes: {what}: the row of table {} was last written by origin {writer}, not {origin}",
+                    (*target.rel).rd_id
+                ),
+                None,
+            );
+        }
+    }
+}
+
+/// The declared type modifier of column `attnum`.
+///
+/// # Safety
+/// `target` must be open and `attnum` within its columns.
+unsafe fn typmod(target: &Target, attnum: u16) -> i32 {
+    // SAFETY: per the contract.
+    unsafe {
+        let tupdesc = (*target.rel).rd_att;
+        (*tupdesc).attrs.as_slice(target.natts)[usize::from(attnum) - 1].atttypmod
+    }
+}
+
+fn check_width(entry: &Described, tuple: &[Value<'_>]) {
+    if tuple.len() != entry.desc.columns.len() {
+        bad_input(format!(
+            "bdr.apply_changes: a tuple of relation id {} has {} columns, its description {}",
+            entry.desc.rel_id,
+            tuple.len(),
+            entry.desc.columns.len()
+        ));
+    }
+}
+
+/// Stores `tuple` in the empty virtual `slot` as a whole row: columns
+/// the tuple does not carry are NULL.
+///
+/// # Safety
+/// As for [`apply`]; `slot` has `natts` columns.
+unsafe fn fill(
+    slot: *mut pg_sys::TupleTableSlot,
+    natts: usize,
+    entry: &mut Described,
+    tuple: &[Value<'_>],
+    cache_cxt: pg_sys::MemoryContext,
+    keep_unchanged: bool,
+) {
+    // SAFETY: per the contract.
+    unsafe {
+        pg_sys::ExecClearTuple(slot);
+        for i in 0..natts {
+            *(*slot).tts_isnull.add(i) = true;
+        }
+        set_values(slot, entry, tuple, cache_cxt, keep_unchanged);
+        pg_sys::ExecStoreVirtualTuple(slot);
+    }
+}
+
+/// Sets the columns of `slot` that `tuple` carries; an unchanged TOAST
+/// value keeps the slot's value when `keep_unchanged`, else is an error.
+///
+/// # Safety
+/// As for [`fill`].
+unsafe fn set_values(
+    slot: *mut pg_sys::TupleTableSlot,
+    entry: &mut Described,
+    tuple: &[Value<'_>],
+    cache_cxt: pg_sys::MemoryContext,
+    keep_unchanged: bool,
+) {
+    check_width(entry, tuple);
+    // SAFETY: per the contract.
+    unsafe {
+        let tupdesc = (*slot).tts_tupleDescriptor;
+        let natts = (*tupdesc).natts as usize;
+        let attrs = (*tupdesc).attrs.as_slice(natts);
+        let Described { desc, io } = entry;
+        for (i, (c, v)) in desc.columns.iter().zip(tuple).enumerate() {
+            let at = usize::from(c.attnum) - 1;
+            if *v == Value::UnchangedToast {
+                if keep_unchanged {
+                    continue;
+                }
+                bad_input(format!(
+                    "bdr.apply_changes: an INSERT into relation id {} leaves column {} unchanged",
+                    desc.rel_id, c.attnum
+                ));
+            }
+            let (d, null) = to_datum(&mut io[i], c.type_oid, attrs[at].atttypmod, v, cache_cxt);
+            *(*slot).tts_values.add(at) = d;
+            *(*slot).tts_isnull.add(at) = null;
+        }
+    }
+}
+
+/// A value as a datum of type `type_oid`: through the type's receive
+/// function (binary values) or input function (text), as the server does
+/// for a bound parameter; whether it is NULL.
+///
+/// # Safety
+/// Must run in a backend; the datum lives in the current memory context.
+unsafe fn to_datum(
+    io: &mut ColumnIo,
+    type_oid: u32,
+    typmod: i32,
+    value: &Value<'_>,
+    cache_cxt: pg_sys::MemoryContext,
+) -> (pg_sys::Datum, bool) {
+    let ty = pg_sys::Oid::from(type_oid);
+    let mut text = |s: &str, spaces: usize| -> (pg_sys::Datum, bool) {
+        // SAFETY: per the contract.
+        unsafe {
+            let (finfo, ioparam) = io.input.get_or_insert_with(|| {
+                let mut f: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
+                let (mut func, mut ioparam) = (pg_sys::Oid::INVALID, pg_sys::Oid::INVALID);
+                pg_sys::getTypeInputInfo(ty, &mut func, &mut ioparam);
+                pg_sys::fmgr_info_cxt(func, &mut *f, cache_cxt);
+                (f, ioparam)
+            });
+            let len = s.len() + spaces;
+            let buf = pg_sys::palloc(len + 1).cast::<u8>();
+            std::ptr::copy_nonoverlapping(s.as_ptr(), buf, s.len());
+            std::ptr::write_bytes(buf.add(s.len()), b' ', spaces);
+            *buf.add(len) = 0;
+            let mut cstr = buf.cast::<c_char>();
+            if !crate::pg::database_is_utf8() {
+                cstr = pg_sys::pg_any_to_server(cstr, len as i32, pg_sys::pg_enc::PG_UTF8 as i32);
+            }
+            let d = pg_sys::InputFunctionCall(&mut **finfo, cstr, *ioparam, typmod);
+            (d, false)
+        }
+    };
+    match value {
+        Value::Null => (pg_sys::Datum::from(0usize), true),
+        Value::UnchangedToast => unreachable!("callers keep or refuse unchanged values"),
+        Value::Text(s) => text(s, 0),
+        Value::PaddedText { text: s, spaces } => text(s, *spaces as usize),
+        Value::Int(v) => {
+            let fits = match type_oid {
+                INT2_OID => i16::try_from(*v).is_ok(),
+                INT4_OID => i32::try_from(*v).is_ok(),
+                INT8_OID => true,
+                _ => false,
+            };
+            if !fits {
+                bad_input(format!(
+                    "bdr.apply_changes: integer {v} does not fit a column of type {type_oid}"
+                ));
+            }
+            (pg_sys::Datum::from(*v), false)
+        }
+        Value::Binary(b) => {
+            // SAFETY: per the contract.
+            unsafe {
+                let (finfo, ioparam) = io.receive.get_or_insert_with(|| {
+                    let mut f: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
+                    let (mut func, mut ioparam) = (pg_sys::Oid::INVALID, pg_sys::Oid::INVALID);
+                    pg_sys::getTypeBinaryInputInfo(ty, &mut func, &mut ioparam);
+                    pg_sys::fmgr_info_cxt(func, &mut *f, cache_cxt);
+                    (f, ioparam)
+                });
+                // Receive functions may expect a terminating NUL, as in a
+                // Bind message.
+                let data = pg_sys::palloc(b.len() + 1).cast::<u8>();
+                std::ptr::copy_nonoverlapping(b.as_ptr(), data, b.len());
+                *data.add(b.len()) = 0;
+                let mut buf = pg_sys::StringInfoData {
+                    data: data.cast(),
+                    len: b.len() as i32,
+                    maxlen: b.len() as i32 + 1,
+                    cursor: 0,
+                };
+                let d = pg_sys::ReceiveFunctionCall(&mut **finfo, &mut buf, *ioparam, typmod);
+                if buf.cursor != buf.len {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_INVALID_BINARY_REPRESENTATION,
+                        format!(
+                            "bdr.apply_changes: incorrect binary data format of a value of type {type_oid}"
+                        ),
+                        None,
+                    );
+                }
+                (d, false)
+            }
+        }
+    }
+}
