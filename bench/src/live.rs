@@ -28,7 +28,12 @@ use crate::{Sizes, pg};
 pub fn run(pairs: &mut [Pair], sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
     let plan: Vec<(usize, System)> = crate::plan(pairs)
         .into_iter()
-        .filter(|(_, s)| !matches!(s, System::BdrPlain | System::BdrPipelined))
+        .filter(|(_, s)| {
+            !matches!(
+                s,
+                System::BdrPlain | System::BdrPipelined | System::BdrStatements
+            )
+        })
         .collect();
     let mut writer_rates = Vec::new();
     for &(i, system) in &plan {

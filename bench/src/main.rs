@@ -199,10 +199,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Which pair stands for which system: the built-in pair twice, with
-/// the subscription in text and in binary mode; the bdr pair four times:
+/// the subscription in text and in binary mode; the bdr pair five times:
 /// as it runs, applying one statement at a time, pipelined without
-/// batches, and without conflict detection (the last two for catch-up
-/// only: they are for comparison).
+/// batches, without conflict detection, and batching statements without
+/// the server's apply function (the last three for catch-up only: they
+/// are for comparison).
 fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
     let mut out = Vec::new();
     for (i, pair) in pairs.iter().enumerate() {
@@ -212,6 +213,7 @@ fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
                 out.push((i, System::BdrSerial));
                 out.push((i, System::BdrPipelined));
                 out.push((i, System::BdrPlain));
+                out.push((i, System::BdrStatements));
             }
             Kind::Builtin => {
                 out.push((i, System::Builtin));

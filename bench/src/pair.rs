@@ -325,6 +325,7 @@ impl Pair {
                     System::BdrSerial => &[("BDR_APPLY_PIPELINE", "off")],
                     System::BdrPipelined => &[("BDR_APPLY_BATCH", "off")],
                     System::BdrPlain => &[("BDR_APPLY_DETECT_CONFLICTS", "off")],
+                    System::BdrStatements => &[("BDR_APPLY_IN_SERVER", "off")],
                     _ => &[],
                 }
             }

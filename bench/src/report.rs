@@ -23,6 +23,9 @@ pub enum System {
     /// bdr without conflict detection in its statements
     /// (`BDR_APPLY_DETECT_CONFLICTS=off`): what detection costs.
     BdrPlain,
+    /// bdr batching statements, without the server applying row changes
+    /// itself (`BDR_APPLY_IN_SERVER=off`): what `bdr.apply_changes` buys.
+    BdrStatements,
     Builtin,
     BuiltinBinary,
     Pglogical,
@@ -30,11 +33,12 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 8] = [
+    pub const ALL: [System; 9] = [
         System::Bdr,
         System::BdrSerial,
         System::BdrPipelined,
         System::BdrPlain,
+        System::BdrStatements,
         System::Builtin,
         System::BuiltinBinary,
         System::Pglogical,
@@ -48,6 +52,7 @@ impl System {
             System::BdrSerial => "bdr_serial",
             System::BdrPipelined => "bdr_no_batch",
             System::BdrPlain => "bdr_no_detection",
+            System::BdrStatements => "bdr_statements",
             System::Builtin => "builtin",
             System::BuiltinBinary => "builtin_binary",
             System::Pglogical => "pglogical",
@@ -61,6 +66,7 @@ impl System {
             System::BdrSerial => "bdr 1-by-1",
             System::BdrPipelined => "bdr no batch",
             System::BdrPlain => "bdr no detect",
+            System::BdrStatements => "bdr stmts",
             System::Builtin => "built-in",
             System::BuiltinBinary => "built-in bin",
             System::Pglogical => "pglogical",
