@@ -33,6 +33,14 @@ REVOKE ALL ON FUNCTION bdr.apply_changes(bytea, pg_lsn, timestamptz, oid) FROM P
 COMMENT ON FUNCTION bdr.apply_changes(bytea, pg_lsn, timestamptz, oid) IS
     'applies the row changes of one remote transaction (bdr-applier''s batched session); an UPDATE or DELETE must find its row last written by origin (NULL: any); with end_lsn, records the transaction in the session''s replication origin';
 
+-- The same for many transactions in one CALL, each committed in turn.
+CREATE PROCEDURE bdr.apply_transactions(transactions bytea)
+    LANGUAGE c
+    AS 'MODULE_PATHNAME', 'apply_transactions';
+REVOKE ALL ON PROCEDURE bdr.apply_transactions(bytea) FROM PUBLIC;
+COMMENT ON PROCEDURE bdr.apply_transactions(bytea) IS
+    'applies and commits remote transactions one after the other, each as bdr.apply_changes with its end LSN and commit time (bdr-applier''s batched session); a failure leaves those before it committed';
+
 -- Membership: the nodes of the group as this node knows them. bdr-applier
 -- streams from every active node other than itself, and watches this
 -- table for changes. Rows are written with `bdr-applier init` and

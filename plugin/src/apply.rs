@@ -41,7 +41,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{CStr, c_char};
 
-use bdr_protocol::apply::{LocalRelation, read_changes};
+use bdr_protocol::apply::{LocalRelation, read_changes, read_transactions};
 use bdr_protocol::{Datum as Value, INT2_OID, INT4_OID, INT8_OID, Message, RelId};
 use pgrx::PgSqlErrorCode;
 use pgrx::pg_sys;
@@ -154,6 +154,113 @@ pub unsafe extern "C-unwind" fn apply_changes(fcinfo: pg_sys::FunctionCallInfo) 
         }
     }
     pg_sys::Datum::from(applied)
+}
+
+/// `pg_finfo` record of [`apply_transactions`].
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_apply_transactions() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `PROCEDURE bdr.apply_transactions(transactions bytea)`: applies and
+/// commits remote transactions one after the other, each as
+/// [`apply_changes`] with its end LSN and commit time, in one CALL: no
+/// statement per transaction at all. A failure stops at the failed
+/// transaction, rolled back; those before it stay committed, and the
+/// replication origin's progress tells how far that is.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with one argument, through
+/// CALL.
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn apply_transactions(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: the function manager passes a valid call with one argument.
+    let (arg, context) = unsafe { ((*fcinfo).args.as_slice(1)[0], (*fcinfo).context) };
+    // SAFETY: a plain catalog check of the current user.
+    if !unsafe { pg_sys::superuser() } {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "bdr.apply_transactions may only be called by a superuser".into(),
+            None,
+        );
+    }
+    // SAFETY: a CALL passes a CallContext node; anything else is not one.
+    let nonatomic = unsafe {
+        !context.is_null()
+            && (*context).type_ == pg_sys::NodeTag::T_CallContext
+            && !(*context.cast::<pg_sys::CallContext>()).atomic
+    };
+    if !nonatomic {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_TERMINATION,
+            "bdr.apply_transactions commits: CALL it outside a transaction block".into(),
+            None,
+        );
+    }
+    if arg.isnull {
+        raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "bdr.apply_transactions: the transactions are NULL".into(),
+            None,
+        );
+    }
+    // A copy that outlives the commits.
+    // SAFETY: a bytea argument, detoasted.
+    let bytes: Vec<u8> = unsafe {
+        let v = pg_sys::pg_detoast_datum_packed(arg.value.cast_mut_ptr());
+        std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(v).cast::<u8>(),
+            pgrx::varlena::varsize_any_exhdr(v),
+        )
+        .to_vec()
+    };
+    let txns = match read_transactions(&bytes) {
+        Ok(t) => t,
+        Err(e) => bad_input(format!("bdr.apply_transactions: {e}")),
+    };
+    if txns.is_empty() {
+        return pg_sys::Datum::from(0usize);
+    }
+    // SAFETY: backend globals and SPI, in the CALL's non-atomic context:
+    // SPI_commit ends the transaction and starts the next one, the
+    // procedure's own memory context surviving.
+    unsafe {
+        if pg_sys::replorigin_session_origin == pg_sys::InvalidRepOriginId as u16 {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "bdr.apply_transactions: no replication origin is configured in this session"
+                    .into(),
+                None,
+            );
+        }
+        if pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32)
+            != pg_sys::SPI_OK_CONNECT as i32
+        {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "bdr.apply_transactions: SPI_connect failed".into(),
+                None,
+            );
+        }
+        let txn_cxt = new_context(pg_sys::CurrentMemoryContext, c"bdr apply transaction");
+        for t in &txns {
+            let outer = switch_to(txn_cxt);
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            apply(t.changes, t.origin);
+            pg_sys::PopActiveSnapshot();
+            switch_to(outer);
+            pg_sys::replorigin_session_origin_lsn = t.end_lsn;
+            pg_sys::replorigin_session_origin_timestamp = t.commit_time;
+            pg_sys::SPI_commit();
+            pg_sys::MemoryContextReset(txn_cxt);
+        }
+        pg_sys::SPI_finish();
+    }
+    pg_sys::Datum::from(0usize)
 }
 
 /// Applies the changes of `bytes`; how many.

@@ -145,6 +145,81 @@ pub fn read_changes(buf: &[u8]) -> Result<(Vec<LocalRelation>, usize, Messages<'
     Ok((relations, start, Messages::new(&buf[start..])))
 }
 
+/// The version of the argument of `bdr.apply_transactions`.
+pub const TRANSACTIONS_VERSION: u8 = 1;
+
+/// One remote transaction in the argument of `bdr.apply_transactions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction<'a> {
+    /// Its end LSN on the sending node, recorded in the replication origin
+    /// with its commit.
+    pub end_lsn: u64,
+    /// Its commit time, recorded with it.
+    pub commit_time: i64,
+    /// The replication origin whose rows its UPDATEs and DELETEs may
+    /// change (`None`: any).
+    pub origin: Option<u32>,
+    /// Its changes, in the layout of `bdr.apply_changes`'s argument.
+    pub changes: &'a [u8],
+}
+
+/// Starts the argument of `bdr.apply_transactions`:
+///
+/// ```text
+///  transactions := version:u8 (1)  transaction*  (to the end)
+///  transaction  := end_lsn:uvarint  commit_time:i64  flags:u8 (0x01: origin)
+///                  [origin:uvarint]  changes:bytes (as apply_changes takes them)
+/// ```
+pub fn start_transactions<B: BufMut + ?Sized>(buf: &mut B) {
+    buf.put_u8(TRANSACTIONS_VERSION);
+}
+
+/// Appends one transaction after [`start_transactions`].
+pub fn write_transaction<B: BufMut + ?Sized>(buf: &mut B, txn: &Transaction<'_>) {
+    put_uvarint(buf, txn.end_lsn);
+    buf.put_i64(txn.commit_time);
+    buf.put_u8(u8::from(txn.origin.is_some()));
+    if let Some(origin) = txn.origin {
+        put_uvarint(buf, u64::from(origin));
+    }
+    put_uvarint(buf, txn.changes.len() as u64);
+    buf.put_slice(txn.changes);
+}
+
+/// Reads the argument of `bdr.apply_transactions`, every transaction.
+pub fn read_transactions(buf: &[u8]) -> Result<Vec<Transaction<'_>>, DecodeError> {
+    let mut r = Reader::new(buf, 0);
+    let version = r.u8()?;
+    if version != TRANSACTIONS_VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            what: "transactions",
+            version: version.into(),
+            min: TRANSACTIONS_VERSION.into(),
+            max: TRANSACTIONS_VERSION.into(),
+            offset: 0,
+        });
+    }
+    let mut out = Vec::new();
+    while r.remaining() > 0 {
+        let end_lsn = r.uvarint()?;
+        let commit_time = r.i64_be()?;
+        let flags = r.flags("transaction flags", 1)?;
+        let origin = if flags & 1 == 1 {
+            Some(r.u32("origin")?)
+        } else {
+            None
+        };
+        let changes = r.bytes("changes")?;
+        out.push(Transaction {
+            end_lsn,
+            commit_time,
+            origin,
+            changes,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +264,36 @@ mod tests {
         assert_eq!(messages.len(), 2);
         assert!(matches!(&messages[0], Message::Insert(m) if m.rel_id == 7));
         assert!(matches!(&messages[1], Message::Delete(m) if m.rel_id == 7));
+    }
+
+    #[test]
+    fn transactions_read_back() {
+        let mut buf = Vec::new();
+        start_transactions(&mut buf);
+        let txns = [
+            Transaction {
+                end_lsn: 0x1_6b37_4d48,
+                commit_time: -5,
+                origin: Some(3),
+                changes: &[1, 0],
+            },
+            Transaction {
+                end_lsn: 7,
+                commit_time: 1_000_000,
+                origin: None,
+                changes: &[],
+            },
+        ];
+        for t in &txns {
+            write_transaction(&mut buf, t);
+        }
+        assert_eq!(read_transactions(&buf).unwrap(), txns);
+        assert_eq!(read_transactions(&[1]).unwrap(), vec![]);
+        let err = read_transactions(&buf[..buf.len() - 1]).unwrap_err();
+        assert!(matches!(err, DecodeError::Truncated { .. }), "{err}");
+        let mut bad = buf.clone();
+        bad[0] = 2;
+        assert!(read_transactions(&bad).is_err());
     }
 
     #[test]

@@ -471,3 +471,29 @@ fn handler_rows_keep_the_columns_they_leave_out() {
         "1|10000"
     );
 }
+
+#[test]
+fn a_conflict_among_batched_transactions_applies_each_other_one_once() {
+    // Ten transactions from a reach b as a backlog, many to one call of
+    // the server's apply procedure; the sixth meets b's own row. Those
+    // before it commit in that call, and only the sixth and later are
+    // applied again: another application of an earlier one would find
+    // its row there and be recorded as a conflict too.
+    let mut mesh = pair("");
+    mesh.applier("b").stop();
+    for id in 11..=20 {
+        mesh.node("a")
+            .safe_psql(&format!("INSERT INTO t VALUES ({id}, 'a')"));
+    }
+    mesh.node("b").safe_psql("INSERT INTO t VALUES (16, 'b')");
+    mesh.applier("b")
+        .restart_with_env(&[("RUST_LOG", "info,bdr_applier=debug")]);
+    mesh.wait_for_catchup();
+    assert_eq!(
+        mesh.assert_same("SELECT string_agg(id || v, ',' ORDER BY id) FROM t"),
+        "11a,12a,13a,14a,15a,16b,17a,18a,19a,20a"
+    );
+    let log = mesh.applier("b").log();
+    assert_eq!(history(mesh.node("b")), "insert_exists|keep_local", "{log}");
+    assert!(log.contains("batch failed"), "{log}");
+}

@@ -21,8 +21,15 @@
 //!  SELECT bdr.apply_changes(changes, end lsn, commit time, origin); COMMIT; ...
 //! ```
 //!
-//! It raises an error where a statement would have touched no row or hit a
-//! unique key, so the fallback below is the same. A table suits it when
+//! A transaction none of whose changes went out as a statement does not
+//! even need its own statements: such transactions go out together as one
+//! `CALL bdr.apply_transactions(transactions)`, which applies and commits
+//! each in turn, in the server. When one of them fails, those before it
+//! are committed, and the origin's progress says how far that is.
+//!
+//! Either function raises an error where a statement would have touched no
+//! row or hit a unique key, so the fallback below is the same (from the
+//! first transaction not committed). A table suits them when
 //! the remote rows carry all its columns and none is generated; UPDATE and
 //! DELETE also need a unique index on the replica identity (see
 //! `relation::in_server`). Other changes (and TRUNCATE) go out as
@@ -40,7 +47,8 @@
 //! row is an error), and multi-row INSERTs have no ON CONFLICT (a unique
 //! key hit is an error). After an error the server skips everything up to
 //! the Sync: the failed transaction and every later one in the batch do
-//! not commit. Once the batch's ReadyForQuery is in, those transactions
+//! not commit (those before it did, as the origin's progress shows). Once
+//! the batch's ReadyForQuery is in, those transactions
 //! are applied again, one statement at a time, through the conflict path
 //! on the applier's other session, and batching resumes at the next
 //! transaction. The replication origin (whose progress commits with each
@@ -59,7 +67,9 @@
 
 use std::collections::VecDeque;
 
-use bdr_protocol::apply::{LocalRelation, write_changes_head};
+use bdr_protocol::apply::{
+    LocalRelation, Transaction, start_transactions, write_changes_head, write_transaction,
+};
 use bdr_protocol::{Lsn, Message, Messages, RelId};
 use bytes::Bytes;
 use tracing::{debug, info, warn};
@@ -94,6 +104,8 @@ enum Tag {
 #[derive(Debug)]
 struct KeptTxn {
     seq: u64,
+    /// Its end LSN, once its COMMIT is encoded.
+    end_lsn: Option<Lsn>,
     messages: Vec<Bytes>,
     bytes: usize,
 }
@@ -123,7 +135,31 @@ pub(super) struct Batch {
     in_server: bool,
     /// The open transaction's changes waiting for that function.
     server: ServerChanges,
+    /// Whether transactions whose changes all go to the server go out
+    /// together, as one call of `bdr.apply_transactions`.
+    calls: bool,
+    /// Complete transactions waiting for that call.
+    call: PendingCall,
 }
+
+/// Complete transactions that go out as one `CALL bdr.apply_transactions`
+/// (see `plugin/src/apply.rs`): each commits in the server in turn, with no
+/// statement of its own. A transaction goes there when nothing of it went
+/// out as a statement; the call goes out before the next statement, or
+/// with the batch.
+#[derive(Debug, Default)]
+struct PendingCall {
+    /// The procedure's argument (`bdr_protocol::apply::write_transaction`).
+    buf: Vec<u8>,
+    /// The last transaction in it: its sequence number and end LSN.
+    last: Option<(u64, Lsn)>,
+}
+
+/// The procedure that applies and commits many transactions.
+const APPLY_TRANSACTIONS: &str = "CALL bdr.apply_transactions($1::bytea)";
+
+/// Bytes of transactions after which the pending call is encoded.
+const CALL_BYTES: usize = 1 << 20;
 
 /// Row changes of the open transaction that the server applies itself
 /// (`bdr.apply_changes`, in the bdr library) instead of one statement per
@@ -190,7 +226,7 @@ impl Batch {
         if let Err(e) = wire.simple("SET log_min_messages = log").await {
             debug!(error = %e, "log_min_messages unchanged");
         }
-        // An empty call: the function is there and may be called.
+        // Empty calls: the functions are there and may be called.
         let in_server = apply_in_server()
             && match wire
                 .simple("SELECT bdr.apply_changes('\\x0100'::bytea, NULL, NULL, NULL)")
@@ -199,6 +235,17 @@ impl Batch {
                 Ok(()) => true,
                 Err(e) => {
                     warn!(error = %e, "bdr.apply_changes cannot be called (is the bdr extension up to date?): changes go out as statements");
+                    false
+                }
+            };
+        let calls = in_server
+            && match wire
+                .simple("CALL bdr.apply_transactions('\\x01'::bytea)")
+                .await
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "bdr.apply_transactions cannot be called (is the bdr extension up to date?): each transaction goes out as statements");
                     false
                 }
             };
@@ -215,6 +262,8 @@ impl Batch {
             origin,
             in_server,
             server: ServerChanges::default(),
+            calls,
+            call: PendingCall::default(),
         }))
     }
 
@@ -225,10 +274,83 @@ impl Batch {
 
     /// Whether complete transactions wait to be written.
     fn ready_to_send(&self) -> bool {
-        match self.open_at {
-            Some((_, tags)) => tags > 0,
-            None => !self.unsent.is_empty(),
+        self.call.last.is_some()
+            || match self.open_at {
+                Some((_, tags)) => tags > 0,
+                None => !self.unsent.is_empty(),
+            }
+    }
+
+    /// Adds the open transaction, complete, to the pending call when
+    /// nothing of it went out as a statement; whether it did.
+    fn add_to_call(
+        &mut self,
+        end_lsn: Lsn,
+        commit_time: i64,
+        relations: &super::relation::RelationMap,
+    ) -> Result<bool, ApplyError> {
+        let Some((_, tags)) = self.open_at else {
+            return Ok(false);
+        };
+        if !self.calls || tags != self.unsent.len() {
+            return Ok(false);
         }
+        let mut changes = std::mem::take(&mut self.server.payload);
+        changes.clear();
+        let described: Vec<&LocalRelation> = self
+            .server
+            .relations
+            .iter()
+            .filter_map(|id| relations.peek(*id).and_then(|r| r.local.as_ref()))
+            .collect();
+        write_changes_head(&mut changes, described.into_iter());
+        changes.extend_from_slice(&self.server.messages);
+        if self.call.buf.is_empty() {
+            start_transactions(&mut self.call.buf);
+        }
+        write_transaction(
+            &mut self.call.buf,
+            &Transaction {
+                end_lsn,
+                commit_time,
+                origin: self.server.origin,
+                changes: &changes,
+            },
+        );
+        self.server.payload = changes;
+        self.server.relations.clear();
+        self.server.messages.clear();
+        self.call.last = Some((self.open_seq(), end_lsn));
+        self.open_at = None;
+        if self.call.buf.len() >= CALL_BYTES {
+            self.flush_call()?;
+        }
+        Ok(true)
+    }
+
+    /// Encodes the pending call, if any, ahead of the open transaction
+    /// (which has nothing encoded yet: a statement of it encodes the call
+    /// first).
+    fn flush_call(&mut self) -> Result<(), ApplyError> {
+        let Some((seq, lsn)) = self.call.last.take() else {
+            return Ok(());
+        };
+        debug_assert!(
+            self.open_at.is_none_or(
+                |(bytes, tags)| bytes == self.wire.unsent() && tags == self.unsent.len()
+            )
+        );
+        self.wire
+            .execute(APPLY_TRANSACTIONS, &[Param::Binary(&self.call.buf)])?;
+        self.call.buf.clear();
+        self.unsent.push(Tag::Stmt {
+            seq,
+            kind: Kind::Commit(lsn),
+        });
+        if self.open_at.is_some() {
+            self.open_at = Some((self.wire.unsent(), self.unsent.len()));
+        }
+        Ok(())
     }
 
     /// Whether the replication origin is bound to the batched session.
@@ -285,9 +407,12 @@ impl Batch {
         self.open_at = None;
         self.server.relations.clear();
         self.server.messages.clear();
+        self.call.buf.clear();
+        self.call.last = None;
     }
 
     fn stmt(&mut self, sql: &str, params: &[Param<'_>], kind: Kind) -> Result<(), ApplyError> {
+        self.flush_call()?;
         self.wire.execute(sql, params)?;
         self.unsent.push(Tag::Stmt {
             seq: self.open_seq(),
@@ -300,6 +425,7 @@ impl Batch {
     /// open one stays behind.
     async fn send(&mut self) -> Result<(), ApplyError> {
         debug_assert!(!self.in_flight);
+        self.flush_call()?;
         let (bytes, tags) = self
             .open_at
             .unwrap_or((self.wire.unsent(), self.unsent.len()));
@@ -378,6 +504,7 @@ impl Applier {
             let b = self.batch.as_mut().expect("batched");
             b.kept.push_back(KeptTxn {
                 seq: b.next_seq,
+                end_lsn: None,
                 bytes: raw.len(),
                 messages: vec![raw],
             });
@@ -411,6 +538,13 @@ impl Applier {
                 let Some(open) = self.txn.take() else {
                     return Err(ApplyError::OutsideTransaction("COMMIT"));
                 };
+                let b = self.batch.as_mut().expect("batched");
+                if let Some(t) = b.kept.back_mut() {
+                    t.end_lsn = Some(m.end_lsn);
+                }
+                if b.add_to_call(m.end_lsn, open.commit_time, &self.relations)? {
+                    return Ok(());
+                }
                 if !self.flush_server(Some((m.end_lsn, open.commit_time)))? {
                     let params = [
                         Param::eight_bytes(m.end_lsn),
@@ -459,6 +593,7 @@ impl Applier {
                 self.require_txn("TRUNCATE")?;
                 let sql = self.truncate_sql(m)?;
                 let b = self.batch.as_mut().expect("batched");
+                b.flush_call()?;
                 b.wire.execute_once(&sql)?;
                 let seq = b.open_seq();
                 b.unsent.push(Tag::Stmt {
@@ -595,10 +730,12 @@ impl Applier {
                     seq,
                     kind: Kind::Commit(lsn),
                 }) => {
+                    let mut commits = 0;
                     while b.kept.front().is_some_and(|t| t.seq <= seq) {
                         b.kept.pop_front();
+                        commits += 1;
                     }
-                    self.pipe.confirm(lsn);
+                    self.pipe.confirm_many(lsn, commits.max(1));
                     Ok(())
                 }
                 Some(Tag::Stmt { .. }) => Ok(()),
@@ -661,6 +798,27 @@ impl Applier {
             b.wire.simple("ROLLBACK").await?;
         }
         b.wire.forget_statements().await?;
+        // A failed call of bdr.apply_transactions committed the
+        // transactions before the one that failed: the origin's progress
+        // tells which.
+        let progress = self.durable_progress().await?;
+        let b = self.batch.as_mut().expect("batched");
+        let (mut committed, mut commits) = (None, 0);
+        while let Some(t) = b.kept.front() {
+            match t.end_lsn {
+                Some(lsn) if lsn <= progress => {
+                    committed = Some(lsn);
+                    commits += 1;
+                    b.kept.pop_front();
+                }
+                _ => break,
+            }
+        }
+        if let Some(lsn) = committed {
+            self.pipe.confirm_many(lsn, commits);
+        }
+        let b = self.batch.as_mut().expect("batched");
+        let seq = b.kept.front().map_or(seq, |t| t.seq);
         let mut later: Vec<Bytes> = Vec::new();
         let mut failed: Vec<Bytes> = Vec::new();
         for t in b.kept.drain(..) {

@@ -192,11 +192,17 @@ impl Pipeline {
 
     /// Records a commit the server confirmed.
     pub(super) fn confirm(&mut self, lsn: Lsn) {
+        self.confirm_many(lsn, 1);
+    }
+
+    /// Records `commits` confirmed COMMITs, the last ending at `lsn` (one
+    /// call of `bdr.apply_transactions` commits several).
+    pub(super) fn confirm_many(&mut self, lsn: Lsn, commits: u64) {
         if self.poisoned {
             return;
         }
         self.confirmed = Some(self.confirmed.map_or(lsn, |c| c.max(lsn)));
-        self.confirmed_count += 1;
+        self.confirmed_count += commits;
     }
 
     /// The latest confirmed end LSN and the number of commits since the
