@@ -758,6 +758,28 @@ unsafe fn set_values(
     }
 }
 
+/// The input or receive function of type `ty` as `lookup` names it
+/// (`getTypeInputInfo`, `getTypeBinaryInputInfo`), looked up into
+/// `cxt`, with its I/O parameter.
+///
+/// # Safety
+/// Must run in a backend; `cxt` must outlive the lookup's use.
+unsafe fn type_function(
+    ty: pg_sys::Oid,
+    lookup: unsafe fn(pg_sys::Oid, *mut pg_sys::Oid, *mut pg_sys::Oid),
+    cxt: pg_sys::MemoryContext,
+) -> (Box<pg_sys::FmgrInfo>, pg_sys::Oid) {
+    // SAFETY: per the contract; a zeroed FmgrInfo is filled in by
+    // fmgr_info_cxt.
+    unsafe {
+        let mut f: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
+        let (mut func, mut ioparam) = (pg_sys::Oid::INVALID, pg_sys::Oid::INVALID);
+        lookup(ty, &mut func, &mut ioparam);
+        pg_sys::fmgr_info_cxt(func, &mut *f, cxt);
+        (f, ioparam)
+    }
+}
+
 /// A value as a datum of type `type_oid`: through the type's receive
 /// function (binary values) or input function (text), as the server does
 /// for a bound parameter; whether it is NULL.
@@ -775,13 +797,9 @@ unsafe fn to_datum(
     let mut text = |s: &str, spaces: usize| -> (pg_sys::Datum, bool) {
         // SAFETY: per the contract.
         unsafe {
-            let (finfo, ioparam) = io.input.get_or_insert_with(|| {
-                let mut f: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
-                let (mut func, mut ioparam) = (pg_sys::Oid::INVALID, pg_sys::Oid::INVALID);
-                pg_sys::getTypeInputInfo(ty, &mut func, &mut ioparam);
-                pg_sys::fmgr_info_cxt(func, &mut *f, cache_cxt);
-                (f, ioparam)
-            });
+            let (finfo, ioparam) = io
+                .input
+                .get_or_insert_with(|| type_function(ty, pg_sys::getTypeInputInfo, cache_cxt));
             let len = s.len() + spaces;
             let buf = pg_sys::palloc(len + 1).cast::<u8>();
             std::ptr::copy_nonoverlapping(s.as_ptr(), buf, s.len());
@@ -818,11 +836,7 @@ unsafe fn to_datum(
             // SAFETY: per the contract.
             unsafe {
                 let (finfo, ioparam) = io.receive.get_or_insert_with(|| {
-                    let mut f: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
-                    let (mut func, mut ioparam) = (pg_sys::Oid::INVALID, pg_sys::Oid::INVALID);
-                    pg_sys::getTypeBinaryInputInfo(ty, &mut func, &mut ioparam);
-                    pg_sys::fmgr_info_cxt(func, &mut *f, cache_cxt);
-                    (f, ioparam)
+                    type_function(ty, pg_sys::getTypeBinaryInputInfo, cache_cxt)
                 });
                 // Receive functions may expect a terminating NUL, as in a
                 // Bind message.

@@ -225,9 +225,11 @@ mod tests {
     use super::*;
     use crate::{Datum, Message, write_delete, write_insert};
 
-    fn relation() -> LocalRelation {
+    /// Relation `rel_id` to table 16384 by index 16390: an int4 key
+    /// column (attnum 1) and a column of type `second` (attnum 3).
+    fn relation_with(rel_id: RelId, second: Oid) -> LocalRelation {
         LocalRelation {
-            rel_id: 7,
+            rel_id,
             table: 16_384,
             index: 16_390,
             columns: vec![
@@ -238,11 +240,15 @@ mod tests {
                 },
                 LocalColumn {
                     attnum: 3,
-                    type_oid: 25,
+                    type_oid: second,
                     key: false,
                 },
             ],
         }
+    }
+
+    fn relation() -> LocalRelation {
+        relation_with(7, 25)
     }
 
     #[test]
@@ -300,23 +306,7 @@ mod tests {
     fn the_head_has_the_bytes_of_the_spec() {
         // PROTOCOL.md: relation 1 to table 16384 by index 16390, columns
         // aid int4 (key, attnum 1) and abalance int4 (attnum 3).
-        let rel = LocalRelation {
-            rel_id: 1,
-            table: 16_384,
-            index: 16_390,
-            columns: vec![
-                LocalColumn {
-                    attnum: 1,
-                    type_oid: 23,
-                    key: true,
-                },
-                LocalColumn {
-                    attnum: 3,
-                    type_oid: 23,
-                    key: false,
-                },
-            ],
-        };
+        let rel = relation_with(1, 23);
         let mut buf = Vec::new();
         write_changes_head(&mut buf, [&rel].into_iter());
         assert_eq!(

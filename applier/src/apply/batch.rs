@@ -181,6 +181,19 @@ struct ServerChanges {
 const APPLY_CHANGES: &str =
     "SELECT bdr.apply_changes($1::bytea, $2::pg_lsn, $3::timestamptz, $4::oid)";
 
+/// Whether `probe`, an empty call of a function of the bdr library,
+/// succeeds on the batched session; if not, warns with what is done
+/// instead.
+async fn callable(wire: &mut Wire, probe: &str, instead: &str) -> bool {
+    match wire.simple(probe).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, probe, "a function of the bdr library cannot be called (is the bdr extension up to date?): {instead}");
+            false
+        }
+    }
+}
+
 /// Whether the batched session hands row changes to `bdr.apply_changes`:
 /// unless `BDR_APPLY_IN_SERVER=off`, which the benchmark sets to measure
 /// the statements it replaces.
@@ -228,27 +241,19 @@ impl Batch {
         }
         // Empty calls: the functions are there and may be called.
         let in_server = apply_in_server()
-            && match wire
-                .simple("SELECT bdr.apply_changes('\\x0100'::bytea, NULL, NULL, NULL)")
-                .await
-            {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(error = %e, "bdr.apply_changes cannot be called (is the bdr extension up to date?): changes go out as statements");
-                    false
-                }
-            };
+            && callable(
+                &mut wire,
+                "SELECT bdr.apply_changes('\\x0100'::bytea, NULL, NULL, NULL)",
+                "changes go out as statements",
+            )
+            .await;
         let calls = in_server
-            && match wire
-                .simple("CALL bdr.apply_transactions('\\x01'::bytea)")
-                .await
-            {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(error = %e, "bdr.apply_transactions cannot be called (is the bdr extension up to date?): each transaction goes out as statements");
-                    false
-                }
-            };
+            && callable(
+                &mut wire,
+                "CALL bdr.apply_transactions('\\x01'::bytea)",
+                "each transaction goes out as statements",
+            )
+            .await;
         Ok(Some(Batch {
             wire,
             sent: VecDeque::new(),
