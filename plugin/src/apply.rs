@@ -113,47 +113,73 @@ pub unsafe extern "C-unwind" fn apply_changes(fcinfo: pg_sys::FunctionCallInfo) 
     // arguments (the SQL signature).
     let args = unsafe { (*fcinfo).args.as_slice(4) };
     let arg = |i: usize| (!args[i].isnull).then_some(args[i].value);
+    require_superuser("bdr.apply_changes");
+    // SAFETY: a bytea argument, detoasted into the call's memory.
+    let bytes = unsafe { bytea_arg(&args[0], "bdr.apply_changes: the changes") };
+    let origin = arg(3).map(|d| d.value() as u32);
+    // SAFETY: runs in a backend, in a transaction (a SQL function call).
+    let applied = unsafe { apply(bytes, origin) };
+    if let Some(end_lsn) = arg(1) {
+        record_commit(
+            "bdr.apply_changes",
+            end_lsn.value() as u64,
+            arg(2).map_or(0, |d| d.value() as i64),
+        );
+    }
+    pg_sys::Datum::from(applied)
+}
+
+/// Raises unless the current user is a superuser.
+fn require_superuser(function: &str) {
     // SAFETY: a plain catalog check of the current user.
     if !unsafe { pg_sys::superuser() } {
         raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "bdr.apply_changes may only be called by a superuser".into(),
+            format!("{function} may only be called by a superuser"),
             None,
         );
     }
-    let Some(changes) = arg(0) else {
+}
+
+/// The bytes of a bytea argument, detoasted into the current memory
+/// context; NULL is an error naming `what`.
+///
+/// # Safety
+/// `arg` must be a bytea argument of the current call.
+unsafe fn bytea_arg<'a>(arg: &pg_sys::NullableDatum, what: &str) -> &'a [u8] {
+    if arg.isnull {
         raise(
             PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "bdr.apply_changes: the changes are NULL".into(),
+            format!("{what} are NULL"),
             None,
         );
-    };
-    let origin = arg(3).map(|d| d.value() as u32);
-    // SAFETY: a bytea argument, detoasted into the call's memory.
-    let bytes = unsafe {
-        let v = pg_sys::pg_detoast_datum_packed(changes.cast_mut_ptr());
+    }
+    // SAFETY: per the contract.
+    unsafe {
+        let v = pg_sys::pg_detoast_datum_packed(arg.value.cast_mut_ptr());
         std::slice::from_raw_parts(
             pgrx::varlena::vardata_any(v).cast::<u8>(),
             pgrx::varlena::varsize_any_exhdr(v),
         )
-    };
-    // SAFETY: runs in a backend, in a transaction (a SQL function call).
-    let applied = unsafe { apply(bytes, origin) };
-    if let Some(end_lsn) = arg(1) {
-        // SAFETY: backend globals, read at the commit of this transaction.
-        unsafe {
-            if pg_sys::replorigin_session_origin == pg_sys::InvalidRepOriginId as u16 {
-                raise(
-                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    "bdr.apply_changes: no replication origin is configured in this session".into(),
-                    None,
-                );
-            }
-            pg_sys::replorigin_session_origin_lsn = end_lsn.value() as u64;
-            pg_sys::replorigin_session_origin_timestamp = arg(2).map_or(0, |d| d.value() as i64);
-        }
     }
-    pg_sys::Datum::from(applied)
+}
+
+/// Records the remote transaction's end LSN and commit time in the
+/// session's replication origin, as `pg_replication_origin_xact_setup`:
+/// they are written with the local commit.
+fn record_commit(function: &str, end_lsn: u64, commit_time: i64) {
+    // SAFETY: backend globals, read at the commit of this transaction.
+    unsafe {
+        if pg_sys::replorigin_session_origin == pg_sys::InvalidRepOriginId as u16 {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("{function}: no replication origin is configured in this session"),
+                None,
+            );
+        }
+        pg_sys::replorigin_session_origin_lsn = end_lsn;
+        pg_sys::replorigin_session_origin_timestamp = commit_time;
+    }
 }
 
 /// `pg_finfo` record of [`apply_transactions`].
@@ -180,14 +206,7 @@ pub unsafe extern "C-unwind" fn apply_transactions(
 ) -> pg_sys::Datum {
     // SAFETY: the function manager passes a valid call with one argument.
     let (arg, context) = unsafe { ((*fcinfo).args.as_slice(1)[0], (*fcinfo).context) };
-    // SAFETY: a plain catalog check of the current user.
-    if !unsafe { pg_sys::superuser() } {
-        raise(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "bdr.apply_transactions may only be called by a superuser".into(),
-            None,
-        );
-    }
+    require_superuser("bdr.apply_transactions");
     // SAFETY: a CALL passes a CallContext node; anything else is not one.
     let nonatomic = unsafe {
         !context.is_null()
@@ -201,23 +220,10 @@ pub unsafe extern "C-unwind" fn apply_transactions(
             None,
         );
     }
-    if arg.isnull {
-        raise(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "bdr.apply_transactions: the transactions are NULL".into(),
-            None,
-        );
-    }
     // A copy that outlives the commits.
-    // SAFETY: a bytea argument, detoasted.
-    let bytes: Vec<u8> = unsafe {
-        let v = pg_sys::pg_detoast_datum_packed(arg.value.cast_mut_ptr());
-        std::slice::from_raw_parts(
-            pgrx::varlena::vardata_any(v).cast::<u8>(),
-            pgrx::varlena::varsize_any_exhdr(v),
-        )
-        .to_vec()
-    };
+    // SAFETY: a bytea argument.
+    let bytes: Vec<u8> =
+        unsafe { bytea_arg(&arg, "bdr.apply_transactions: the transactions") }.to_vec();
     let txns = match read_transactions(&bytes) {
         Ok(t) => t,
         Err(e) => bad_input(format!("bdr.apply_transactions: {e}")),
@@ -229,14 +235,6 @@ pub unsafe extern "C-unwind" fn apply_transactions(
     // SPI_commit ends the transaction and starts the next one, the
     // procedure's own memory context surviving.
     unsafe {
-        if pg_sys::replorigin_session_origin == pg_sys::InvalidRepOriginId as u16 {
-            raise(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "bdr.apply_transactions: no replication origin is configured in this session"
-                    .into(),
-                None,
-            );
-        }
         if pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32)
             != pg_sys::SPI_OK_CONNECT as i32
         {
@@ -253,8 +251,7 @@ pub unsafe extern "C-unwind" fn apply_transactions(
             apply(t.changes, t.origin);
             pg_sys::PopActiveSnapshot();
             switch_to(outer);
-            pg_sys::replorigin_session_origin_lsn = t.end_lsn;
-            pg_sys::replorigin_session_origin_timestamp = t.commit_time;
+            record_commit("bdr.apply_transactions", t.end_lsn, t.commit_time);
             pg_sys::SPI_commit();
             pg_sys::MemoryContextReset(txn_cxt);
         }
@@ -590,12 +587,6 @@ unsafe fn find(
     // SAFETY: per the contract.
     unsafe {
         check_width(entry, tuple);
-        let typmods: Vec<i32> = entry
-            .desc
-            .columns
-            .iter()
-            .map(|c| typmod(target, c.attnum))
-            .collect();
         let Described { desc, io } = entry;
         let search = target.search;
         pg_sys::ExecClearTuple(search);
@@ -617,7 +608,8 @@ unsafe fn find(
                     None,
                 );
             }
-            let (d, null) = to_datum(&mut io[i], c.type_oid, typmods[i], v, cache_cxt);
+            let typmod = typmod(target, c.attnum);
+            let (d, null) = to_datum(&mut io[i], c.type_oid, typmod, v, cache_cxt);
             let at = usize::from(c.attnum) - 1;
             *(*search).tts_values.add(at) = d;
             *(*search).tts_isnull.add(at) = null;

@@ -120,22 +120,29 @@ pub fn write_changes_head<'r, B: BufMut + ?Sized>(
     }
 }
 
+/// Reads the version byte that starts an argument, which must be
+/// `version`.
+fn read_version(r: &mut Reader<'_>, what: &'static str, version: u8) -> Result<(), DecodeError> {
+    let offset = r.pos();
+    let got = r.u8()?;
+    if got != version {
+        return Err(DecodeError::UnsupportedVersion {
+            what,
+            version: got.into(),
+            min: version.into(),
+            max: version.into(),
+            offset,
+        });
+    }
+    Ok(())
+}
+
 /// Reads the argument: its relations, the offset where its messages
 /// start, and an iterator over them (offsets in their errors count from
 /// that offset).
 pub fn read_changes(buf: &[u8]) -> Result<(Vec<LocalRelation>, usize, Messages<'_>), DecodeError> {
     let mut r = Reader::new(buf, 0);
-    let offset = r.pos();
-    let version = r.u8()?;
-    if version != CHANGES_VERSION {
-        return Err(DecodeError::UnsupportedVersion {
-            what: "changes",
-            version: version.into(),
-            min: CHANGES_VERSION.into(),
-            max: CHANGES_VERSION.into(),
-            offset,
-        });
-    }
+    read_version(&mut r, "changes", CHANGES_VERSION)?;
     let count = r.count("relation count", MAX_LENGTH, 4)?;
     let mut relations = Vec::with_capacity(count);
     for _ in 0..count {
@@ -189,16 +196,7 @@ pub fn write_transaction<B: BufMut + ?Sized>(buf: &mut B, txn: &Transaction<'_>)
 /// Reads the argument of `bdr.apply_transactions`, every transaction.
 pub fn read_transactions(buf: &[u8]) -> Result<Vec<Transaction<'_>>, DecodeError> {
     let mut r = Reader::new(buf, 0);
-    let version = r.u8()?;
-    if version != TRANSACTIONS_VERSION {
-        return Err(DecodeError::UnsupportedVersion {
-            what: "transactions",
-            version: version.into(),
-            min: TRANSACTIONS_VERSION.into(),
-            max: TRANSACTIONS_VERSION.into(),
-            offset: 0,
-        });
-    }
+    read_version(&mut r, "transactions", TRANSACTIONS_VERSION)?;
     let mut out = Vec::new();
     while r.remaining() > 0 {
         let end_lsn = r.uvarint()?;

@@ -177,6 +177,28 @@ struct ServerChanges {
     payload: Vec<u8>,
 }
 
+impl ServerChanges {
+    /// Encodes the kept changes into `payload` as `bdr.apply_changes` takes
+    /// them (the relations they refer to described first), and forgets them.
+    fn encode(&mut self, relations: &super::relation::RelationMap) {
+        let ServerChanges {
+            relations: ids,
+            messages,
+            payload,
+            ..
+        } = self;
+        payload.clear();
+        let described: Vec<&LocalRelation> = ids
+            .iter()
+            .filter_map(|id| relations.peek(*id).and_then(|r| r.local.as_ref()))
+            .collect();
+        write_changes_head(payload, described.into_iter());
+        payload.extend_from_slice(messages);
+        ids.clear();
+        messages.clear();
+    }
+}
+
 /// The call of the bdr library's apply function.
 const APPLY_CHANGES: &str =
     "SELECT bdr.apply_changes($1::bytea, $2::pg_lsn, $3::timestamptz, $4::oid)";
@@ -300,16 +322,7 @@ impl Batch {
         if !self.calls || tags != self.unsent.len() {
             return Ok(false);
         }
-        let mut changes = std::mem::take(&mut self.server.payload);
-        changes.clear();
-        let described: Vec<&LocalRelation> = self
-            .server
-            .relations
-            .iter()
-            .filter_map(|id| relations.peek(*id).and_then(|r| r.local.as_ref()))
-            .collect();
-        write_changes_head(&mut changes, described.into_iter());
-        changes.extend_from_slice(&self.server.messages);
+        self.server.encode(relations);
         if self.call.buf.is_empty() {
             start_transactions(&mut self.call.buf);
         }
@@ -319,12 +332,9 @@ impl Batch {
                 end_lsn,
                 commit_time,
                 origin: self.server.origin,
-                changes: &changes,
+                changes: &self.server.payload,
             },
         );
-        self.server.payload = changes;
-        self.server.relations.clear();
-        self.server.messages.clear();
         self.call.last = Some((self.open_seq(), end_lsn));
         self.open_at = None;
         if self.call.buf.len() >= CALL_BYTES {
@@ -662,15 +672,9 @@ impl Applier {
         if b.server.relations.is_empty() {
             return Ok(false);
         }
+        // Out of the batch while its payload is bound.
         let mut server = std::mem::take(&mut b.server);
-        server.payload.clear();
-        let described: Vec<&LocalRelation> = server
-            .relations
-            .iter()
-            .filter_map(|id| self.relations.peek(*id).and_then(|r| r.local.as_ref()))
-            .collect();
-        write_changes_head(&mut server.payload, described.into_iter());
-        server.payload.extend_from_slice(&server.messages);
+        server.encode(&self.relations);
         let (lsn, time) = match end {
             Some((lsn, time)) => (Param::eight_bytes(lsn), Param::eight_bytes(time as u64)),
             None => (Param::Null, Param::Null),
@@ -683,8 +687,6 @@ impl Applier {
         ];
         let b = self.batch.as_mut().expect("batched");
         let sent = b.stmt(APPLY_CHANGES, &params, Kind::Done);
-        server.relations.clear();
-        server.messages.clear();
         b.server = server;
         sent.map(|()| true)
     }
