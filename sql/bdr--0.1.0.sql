@@ -41,6 +41,25 @@ REVOKE ALL ON PROCEDURE bdr.apply_transactions(bytea) FROM PUBLIC;
 COMMENT ON PROCEDURE bdr.apply_transactions(bytea) IS
     'applies and commits remote transactions one after the other, each as bdr.apply_changes with its end LSN and commit time (bdr-applier''s batched session); a failure leaves those before it committed';
 
+-- The first statement of a batch that bdr-applier sends while the one
+-- before it is still being applied: unless that one committed all of its
+-- transactions, this raises, and the server skips the rest of the batch.
+CREATE FUNCTION bdr.apply_check_progress(expected pg_lsn)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    AS $$
+BEGIN
+    IF pg_catalog.pg_replication_origin_session_progress(false) IS DISTINCT FROM expected THEN
+        RAISE EXCEPTION 'the replication origin of this session is at %, not at %',
+            pg_catalog.pg_replication_origin_session_progress(false), expected
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION bdr.apply_check_progress(pg_lsn) FROM PUBLIC;
+COMMENT ON FUNCTION bdr.apply_check_progress(pg_lsn) IS
+    'raises unless the replication origin of the session has reached expected (bdr-applier''s batched session, between batches)';
+
 -- Membership: the nodes of the group as this node knows them. bdr-applier
 -- streams from every active node other than itself, and watches this
 -- table for changes. Rows are written with `bdr-applier init` and

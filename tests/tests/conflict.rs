@@ -497,3 +497,43 @@ fn a_conflict_among_batched_transactions_applies_each_other_one_once() {
     assert_eq!(history(mesh.node("b")), "insert_exists|keep_local", "{log}");
     assert!(log.contains("batch failed"), "{log}");
 }
+
+#[test]
+fn a_batch_behind_a_failed_one_applies_nothing() {
+    // The first transaction of the backlog goes out as a batch of its own
+    // and takes a second in the server (a trigger of b's) before it meets
+    // b's own row; the next one goes out behind it meanwhile. That second
+    // batch must not commit: were it to, the origin's progress would pass
+    // the failed transaction, which would then never be applied (no
+    // conflict recorded, b's row never sent back over).
+    let mut mesh = pair("");
+    mesh.applier("b").stop();
+    for id in 11..=20 {
+        mesh.node("a")
+            .safe_psql(&format!("INSERT INTO t VALUES ({id}, 'a')"));
+    }
+    mesh.node("b").safe_psql(
+        "INSERT INTO t VALUES (11, 'b');
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.id = 11 THEN PERFORM pg_sleep(1); END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER slow BEFORE INSERT ON t
+             FOR EACH ROW EXECUTE FUNCTION slow();
+         ALTER TABLE t ENABLE ALWAYS TRIGGER slow;",
+    );
+    mesh.applier("b")
+        .restart_with_env(&[("RUST_LOG", "info,bdr_applier=debug")]);
+    mesh.wait_for_catchup();
+    assert_eq!(
+        mesh.assert_same("SELECT string_agg(id || v, ',' ORDER BY id) FROM t"),
+        "11b,12a,13a,14a,15a,16a,17a,18a,19a,20a"
+    );
+    let log = mesh.applier("b").log();
+    assert_eq!(history(mesh.node("b")), "insert_exists|keep_local", "{log}");
+    assert!(
+        log.contains("a batch behind a failed one did not apply"),
+        "{log}"
+    );
+}

@@ -54,11 +54,19 @@
 //! transaction. The replication origin (whose progress commits with each
 //! transaction) is bound to whichever session applies.
 //!
-//! One batch is in flight at a time: while the server works through it,
-//! the next one is encoded, and goes out when the first is answered. So
-//! a COMMIT that fails on its own (a deferred constraint), which ends its
-//! transaction block without leaving an aborted one behind, can never be
-//! followed by a later transaction committing: nothing later was sent.
+//! Two batches may be in flight, so that the server finds the next one
+//! waiting when it ends one: while it works through them, the next one is
+//! encoded, and goes out when the first is answered. A batch behind
+//! another starts with `bdr.apply_check_progress(lsn)`, the end LSN of
+//! the last transaction before it: unless the session's replication
+//! origin is there, that is, unless every transaction of the batch before
+//! committed, it raises and the server skips the whole batch. So a failed
+//! transaction (even a COMMIT that fails on its own, a deferred
+//! constraint, which leaves no aborted transaction block behind) is never
+//! followed by a later one committing, which would carry the origin's
+//! progress past it. Once both batches are answered, everything from the
+//! failed transaction on is applied again, as above. Without that
+//! function (an older bdr library), one batch is in flight at a time.
 //!
 //! Messages are kept until their transaction's COMMIT is confirmed. A
 //! transaction whose kept messages grow past the chunk size of
@@ -120,8 +128,12 @@ pub(super) struct Batch {
     unsent: Vec<Tag>,
     /// Where the open transaction starts in the unwritten bytes and tags.
     open_at: Option<(usize, usize)>,
-    /// A batch was written and its ReadyForQuery is not in yet.
-    in_flight: bool,
+    /// Batches written whose ReadyForQuery is not in yet.
+    in_flight: usize,
+    /// How many batches may be in flight: two when the server can check
+    /// that a batch continues where the one before it ended
+    /// ([`CHECK_PROGRESS`]), else one.
+    depth: usize,
     /// The first failure in the batch in flight: its transaction and why.
     failed: Option<(u64, String)>,
     /// Messages of the transactions not confirmed yet, oldest first.
@@ -157,6 +169,10 @@ struct PendingCall {
 
 /// The procedure that applies and commits many transactions.
 const APPLY_TRANSACTIONS: &str = "CALL bdr.apply_transactions($1::bytea)";
+
+/// The function that raises unless the session's replication origin is
+/// at the given LSN (the end of the batch before).
+const CHECK_PROGRESS: &str = "SELECT bdr.apply_check_progress";
 
 /// Bytes of transactions after which the pending call is encoded.
 const CALL_BYTES: usize = 1 << 20;
@@ -276,12 +292,24 @@ impl Batch {
                 "each transaction goes out as statements",
             )
             .await;
+        let depth = if callable(
+            &mut wire,
+            "SELECT 'bdr.apply_check_progress(pg_lsn)'::pg_catalog.regprocedure",
+            "one batch in flight at a time",
+        )
+        .await
+        {
+            2
+        } else {
+            1
+        };
         Ok(Some(Batch {
             wire,
             sent: VecDeque::new(),
             unsent: Vec::new(),
             open_at: None,
-            in_flight: false,
+            in_flight: 0,
+            depth,
             failed: None,
             kept: VecDeque::new(),
             next_seq: 0,
@@ -296,7 +324,13 @@ impl Batch {
 
     /// Whether replies are awaited or a batch is ready to go.
     pub(super) fn busy(&self) -> bool {
-        self.in_flight || self.ready_to_send()
+        self.in_flight > 0 || self.ready_to_send()
+    }
+
+    /// Whether complete transactions wait and may go out now: fewer
+    /// batches than the depth are in flight, and none failed.
+    pub(super) fn can_send(&self) -> bool {
+        self.in_flight < self.depth && self.failed.is_none() && self.ready_to_send()
     }
 
     /// Whether complete transactions wait to be written.
@@ -376,7 +410,7 @@ impl Batch {
     /// Writes the complete transactions waiting, unless a batch is in
     /// flight.
     pub(super) async fn send_ready(&mut self) -> Result<(), ApplyError> {
-        if self.in_flight || !self.ready_to_send() {
+        if !self.can_send() {
             return Ok(());
         }
         self.send().await
@@ -384,7 +418,7 @@ impl Batch {
 
     /// The next reply (cancel safe); `None` when none is awaited.
     pub(super) async fn next_event(&mut self) -> Option<Result<Event, ApplyError>> {
-        if !self.in_flight {
+        if self.in_flight == 0 {
             return None;
         }
         Some(self.wire.next_event().await.map_err(ApplyError::from))
@@ -439,7 +473,7 @@ impl Batch {
     /// Writes the complete transactions encoded so far, with a Sync; the
     /// open one stays behind.
     async fn send(&mut self) -> Result<(), ApplyError> {
-        debug_assert!(!self.in_flight);
+        debug_assert!(self.in_flight < self.depth && self.failed.is_none());
         self.flush_call()?;
         let (bytes, tags) = self
             .open_at
@@ -447,7 +481,28 @@ impl Batch {
         if tags == 0 {
             return Ok(());
         }
-        self.wire.send_batch(bytes).await?;
+        // Behind a batch in flight, the server first checks that it
+        // committed all of its transactions: their last end LSN is the
+        // origin's progress.
+        let after = self.sent.iter().rev().find_map(|t| match t {
+            Tag::Stmt {
+                kind: Kind::Commit(lsn),
+                ..
+            } => Some(*lsn),
+            _ => None,
+        });
+        let check =
+            after.map(|lsn| format!("{CHECK_PROGRESS}('{}'::pg_lsn)", crate::stream::Lsn(lsn)));
+        self.wire.send_batch(bytes, check.as_deref()).await?;
+        if check.is_some() {
+            let Some(Tag::Stmt { seq, .. }) = self.unsent.first() else {
+                unreachable!("a batch starts with a statement");
+            };
+            self.sent.push_back(Tag::Stmt {
+                seq: *seq,
+                kind: Kind::Done,
+            });
+        }
         let tail_tags = self.unsent.split_off(tags);
         self.sent.extend(self.unsent.drain(..));
         self.sent.push_back(Tag::Sync);
@@ -455,7 +510,7 @@ impl Batch {
         if self.open_at.is_some() {
             self.open_at = Some((0, 0));
         }
-        self.in_flight = true;
+        self.in_flight += 1;
         Ok(())
     }
 }
@@ -492,14 +547,14 @@ impl Applier {
         if b.open_bytes() >= super::pipeline::chunk_bytes() {
             return self.hand_over(false).await;
         }
-        if !b.in_flight && b.ready_to_send() {
+        if b.can_send() {
             b.send().await?;
         } else if b.wire.unsent() >= MAX_UNSENT {
-            // Until the batch in flight is answered and this one goes out.
+            // Until a batch in flight is answered and this one goes out.
             while self
                 .batch
                 .as_ref()
-                .is_some_and(|b| b.in_flight && b.wire.unsent() >= MAX_UNSENT)
+                .is_some_and(|b| b.in_flight > 0 && b.wire.unsent() >= MAX_UNSENT)
             {
                 self.settle_batch_one().await?;
             }
@@ -752,11 +807,12 @@ impl Applier {
             },
             Event::Error(e) => {
                 match b.sent.pop_front() {
-                    Some(Tag::Stmt { seq, .. }) => {
-                        if b.failed.is_none() {
-                            b.failed = Some((seq, e.to_string()));
+                    Some(Tag::Stmt { seq, .. }) => match &b.failed {
+                        None => b.failed = Some((seq, e.to_string())),
+                        Some((first, _)) => {
+                            debug!(error = %e, failed = first, "a batch behind a failed one did not apply")
                         }
-                    }
+                    },
                     _ => {
                         return Err(ApplyError::Batch(format!(
                             "an error arrived where none was expected: {e}"
@@ -775,7 +831,13 @@ impl Applier {
                         "the end of a batch arrived before its statements".into(),
                     ));
                 }
-                b.in_flight = false;
+                b.in_flight -= 1;
+                if b.failed.is_some() && b.in_flight > 0 {
+                    // The batches behind the failed one fail their check
+                    // of the origin's progress: once they are in, all is
+                    // applied again from the failed transaction.
+                    return Ok(());
+                }
                 if let Some((seq, why)) = b.failed.take() {
                     return self.recover(seq, why, status).await;
                 }
@@ -786,7 +848,7 @@ impl Applier {
                         char::from(status)
                     )));
                 }
-                if b.ready_to_send() {
+                if b.can_send() {
                     b.send().await?;
                 }
                 Ok(())
@@ -870,7 +932,7 @@ impl Applier {
                 // handed this one over already.
                 return Ok(());
             }
-            if b.in_flight {
+            if b.in_flight > 0 {
                 self.settle_batch_one().await?;
             } else if b.ready_to_send() {
                 b.send().await?;
@@ -958,13 +1020,13 @@ impl Applier {
     /// nothing commits behind the next session's back.
     pub(super) async fn finish_batch(&mut self) {
         while let Some(b) = self.batch.as_mut() {
-            if !b.in_flight {
+            if b.in_flight == 0 {
                 break;
             }
             match b.wire.next_event().await {
                 Ok(Event::Ready(_)) => {
-                    b.in_flight = false;
-                    b.sent.clear();
+                    b.in_flight -= 1;
+                    while b.sent.pop_front().is_some_and(|t| !matches!(t, Tag::Sync)) {}
                 }
                 Ok(Event::Complete(_)) => {
                     if let Some(Tag::Stmt {
@@ -976,7 +1038,9 @@ impl Applier {
                     }
                 }
                 Ok(Event::Error(_)) => {
-                    b.sent.retain(|t| matches!(t, Tag::Sync));
+                    while matches!(b.sent.front(), Some(Tag::Stmt { .. })) {
+                        b.sent.pop_front();
+                    }
                 }
                 Err(e) => {
                     info!(error = %e, "batched apply session ended");

@@ -394,6 +394,9 @@ impl Applier {
     /// to [`Self::on_settled`].
     pub(crate) async fn next_settled(&mut self) -> Settled {
         if let Some(b) = self.batch.as_mut() {
+            if b.can_send() {
+                return Settled(Settling::Send);
+            }
             if let Some(event) = b.next_event().await {
                 return Settled(Settling::Batch(event));
             }

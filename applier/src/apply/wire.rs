@@ -118,12 +118,25 @@ impl Wire {
         self.out.len()
     }
 
-    /// Writes the encoded bytes up to `at`, followed by a Sync; the rest
+    /// Writes the encoded bytes up to `at`, after `first` (a statement
+    /// with no parameters) when given and followed by a Sync; the rest
     /// stays encoded.
-    pub(super) async fn send_batch(&mut self, at: usize) -> Result<(), StreamError> {
+    pub(super) async fn send_batch(
+        &mut self,
+        at: usize,
+        first: Option<&str>,
+    ) -> Result<(), StreamError> {
         let tail = self.out.split_off(at);
         frontend::sync(&mut self.out);
-        let sent = self.send().await;
+        let sent = async {
+            if let Some(sql) = first {
+                let mut head = BytesMut::new();
+                encode_once(sql, &mut head)?;
+                self.writer.write_all(&head).await?;
+            }
+            self.send().await
+        }
+        .await;
         self.out.unsplit(tail);
         sent?;
         self.unsent_parses.retain_mut(|(start, _)| {
