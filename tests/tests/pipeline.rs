@@ -156,6 +156,11 @@ fn batched_and_pipelined_apply_match_one_statement_at_a_time() {
         log.contains("handing the transaction over"),
         "b never handed a transaction over:\n{log}"
     );
+    // There the server applied the changes of tables that suit it.
+    assert!(
+        log.contains("pipelined changes go to bdr.apply_changes"),
+        "b pipelined only statements:\n{log}"
+    );
     for applier in [&mut batched, &mut pipelined, &mut serial] {
         applier.stop();
     }

@@ -182,8 +182,11 @@ const CALL_BYTES: usize = 1 << 20;
 /// change: the stream messages as received, and the relations they refer
 /// to. They go out as one call at the transaction's COMMIT, or before
 /// anything of the transaction that goes out as a statement.
+///
+/// The pipelined path (large transactions) sends them the same way, a call
+/// per [`PIPE_CALL_BYTES`], without the end LSN: its COMMIT records it.
 #[derive(Debug, Default)]
-struct ServerChanges {
+pub(super) struct ServerChanges {
     relations: Vec<RelId>,
     messages: Vec<u8>,
     /// The origin whose rows the changes may update or delete (NULL when
@@ -193,7 +196,45 @@ struct ServerChanges {
     payload: Vec<u8>,
 }
 
+/// Bytes of changes after which the pipelined path sends its call.
+pub(super) const PIPE_CALL_BYTES: usize = 256 << 10;
+
 impl ServerChanges {
+    /// Keeps a change (`raw`, as received) of `rel_id`.
+    pub(super) fn add(&mut self, rel_id: RelId, raw: &[u8], origin: Option<u32>) {
+        if !self.relations.contains(&rel_id) {
+            self.relations.push(rel_id);
+        }
+        self.messages.extend_from_slice(raw);
+        self.origin = origin;
+    }
+
+    /// Whether no change is kept.
+    pub(super) fn is_empty(&self) -> bool {
+        self.relations.is_empty()
+    }
+
+    /// Bytes of changes kept.
+    pub(super) fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Forgets the kept changes.
+    pub(super) fn clear(&mut self) {
+        self.relations.clear();
+        self.messages.clear();
+    }
+
+    /// The call's arguments for the kept changes, which it forgets: the
+    /// encoded changes and the origin (see [`Self::encode`]).
+    pub(super) fn take_call(
+        &mut self,
+        relations: &super::relation::RelationMap,
+    ) -> (Bytes, Option<u32>) {
+        self.encode(relations);
+        (Bytes::from(std::mem::take(&mut self.payload)), self.origin)
+    }
+
     /// Encodes the kept changes into `payload` as `bdr.apply_changes` takes
     /// them (the relations they refer to described first), and forgets them.
     fn encode(&mut self, relations: &super::relation::RelationMap) {
@@ -216,7 +257,7 @@ impl ServerChanges {
 }
 
 /// The call of the bdr library's apply function.
-const APPLY_CHANGES: &str =
+pub(super) const APPLY_CHANGES: &str =
     "SELECT bdr.apply_changes($1::bytea, $2::pg_lsn, $3::timestamptz, $4::oid)";
 
 /// Whether `probe`, an empty call of a function of the bdr library,
@@ -454,8 +495,7 @@ impl Batch {
         self.wire.truncate(0);
         self.unsent.clear();
         self.open_at = None;
-        self.server.relations.clear();
-        self.server.messages.clear();
+        self.server.clear();
         self.call.buf.clear();
         self.call.last = None;
     }
@@ -693,8 +733,26 @@ impl Applier {
         rel_id: RelId,
         raw: &[u8],
     ) -> Result<bool, ApplyError> {
-        if !self.batch.as_ref().is_some_and(|b| b.in_server) {
+        let Some(origin) = self.server_applies(what, rel_id)? else {
             return Ok(false);
+        };
+        // INSERTs held back for a statement went first.
+        self.flush_batched_inserts()?;
+        let b = self.batch.as_mut().expect("batched");
+        b.server.add(rel_id, raw, origin);
+        Ok(true)
+    }
+
+    /// Whether `bdr.apply_changes` may apply a `what` change of `rel_id`
+    /// (the batched session found it callable, the table suits it): if so,
+    /// the origin whose rows it may change (`None`: any).
+    pub(super) fn server_applies(
+        &mut self,
+        what: &'static str,
+        rel_id: RelId,
+    ) -> Result<Option<Option<u32>>, ApplyError> {
+        if !self.batch.as_ref().is_some_and(|b| b.in_server) {
+            return Ok(None);
         }
         let remote = self.require_txn(what)?;
         // Without an index to find rows by, INSERTs only.
@@ -702,19 +760,7 @@ impl Applier {
             Some(local) => local.index != 0 || what == "INSERT",
             None => false,
         };
-        if !suits {
-            return Ok(false);
-        }
-        // INSERTs held back for a statement went first.
-        self.flush_batched_inserts()?;
-        let b = self.batch.as_mut().expect("batched");
-        let server = &mut b.server;
-        if !server.relations.contains(&rel_id) {
-            server.relations.push(rel_id);
-        }
-        server.messages.extend_from_slice(raw);
-        server.origin = super::sql::detect_conflicts().then_some(remote.roident);
-        Ok(true)
+        Ok(suits.then(|| super::sql::detect_conflicts().then_some(remote.roident)))
     }
 
     /// Encodes the call of `bdr.apply_changes` with the changes kept for
@@ -724,7 +770,7 @@ impl Applier {
         let Some(b) = self.batch.as_mut() else {
             return Ok(false);
         };
-        if b.server.relations.is_empty() {
+        if b.server.is_empty() {
             return Ok(false);
         }
         // Out of the batch while its payload is bound.
@@ -903,7 +949,7 @@ impl Applier {
             later = later.len(),
             "batch failed: applying again one statement at a time"
         );
-        self.run = None;
+        self.forget_held();
         self.txn = None;
         self.origin_to_other().await?;
         self.replay_messages(&failed, true).await?;
@@ -950,7 +996,7 @@ impl Applier {
             "handing the transaction over"
         );
         b.drop_unsent();
-        self.run = None;
+        self.forget_held();
         self.txn = None;
         self.origin_to_other().await?;
         self.replay_messages(&open.messages, serial).await

@@ -221,6 +221,10 @@ pub(crate) struct Applier {
     pipe: Pipeline,
     /// Pipelined INSERTs waiting to go out as one statement.
     run: Option<InsertRun>,
+    /// Pipelined row changes waiting to go out as one call of
+    /// `bdr.apply_changes`, and the call, once prepared.
+    held: batch::ServerChanges,
+    apply_changes: Option<Statement>,
     relations: RelationMap,
     txn: Option<OpenTxn>,
     xact_setup: Statement,
@@ -304,6 +308,8 @@ impl Applier {
             batch,
             pipe: Pipeline::default(),
             run: None,
+            held: batch::ServerChanges::default(),
+            apply_changes: None,
             relations: RelationMap::default(),
             txn: None,
             ends,
@@ -346,7 +352,7 @@ impl Applier {
     pub(crate) async fn reset(&mut self) -> Result<(), ApplyError> {
         self.finish_batch().await;
         self.relations.clear();
-        self.run = None;
+        self.forget_held();
         let drained = self.pipe.drain().await;
         self.pipe.clear();
         // A failed commit leaves its transaction open (and aborted). One
@@ -462,7 +468,7 @@ impl Applier {
     async fn stop_on_conflict(&mut self, result: Result<(), ApplyError>) -> Result<(), ApplyError> {
         match result {
             Err(ApplyError::ConflictStop(record)) => {
-                self.run = None;
+                self.forget_held();
                 self.pipe.drain().await?;
                 self.pipe.clear();
                 if self.txn.take().is_some() {
@@ -508,31 +514,51 @@ impl Applier {
             self.pipe.drain().await?;
             return self.dispatch(msg).await;
         }
-        self.pipe.keep(raw);
-        // Anything but another INSERT sends the INSERTs held back.
-        let flushed = match msg {
-            Message::Insert(_) => Ok(()),
-            _ => self.flush_inserts().await,
+        self.pipe.keep(raw.clone());
+        let held = match msg {
+            Message::Insert(m) => self
+                .server_applies("INSERT", m.rel_id)
+                .map(|h| (m.rel_id, h)),
+            Message::Update(m) => self
+                .server_applies("UPDATE", m.rel_id)
+                .map(|h| (m.rel_id, h)),
+            Message::Delete(m) => self
+                .server_applies("DELETE", m.rel_id)
+                .map(|h| (m.rel_id, h)),
+            _ => Ok((0, None)),
         };
-        let result = match (flushed, msg) {
-            (Err(e), _) => Err(e),
-            (Ok(()), Message::Commit(m)) => return self.pipelined_commit(m).await,
-            (Ok(()), Message::Insert(m)) => self.pipelined_insert(frame, m).await,
-            (Ok(()), Message::Update(m)) => self.pipelined_update(frame, m).await,
-            (Ok(()), Message::Delete(m)) => self.pipelined_delete(frame, m).await,
-            (Ok(()), Message::Truncate(m)) => self.pipelined_truncate(m),
-            (Ok(()), Message::Logical(m)) => {
-                self.handle_message(m);
-                Ok(())
-            }
-            (Ok(()), Message::Relation(_) | Message::Begin(_) | Message::Startup(_)) => {
-                // Needs answers from the server (or is an error): after
-                // everything in flight is checked.
-                self.pipe.drain().await?;
-                if self.pipe.failed().is_some() {
-                    return self.replay().await;
+        let result = match held {
+            Err(e) => Err(e),
+            Ok((rel_id, Some(origin))) => self.hold(rel_id, &raw, origin).await,
+            Ok((_, None)) => {
+                // Anything else sends the changes held for the server, and
+                // anything but another INSERT the INSERTs held back.
+                let flushed = match (self.flush_held().await, msg) {
+                    (Ok(()), Message::Insert(_)) => Ok(()),
+                    (Ok(()), _) => self.flush_inserts().await,
+                    (e, _) => e,
+                };
+                match (flushed, msg) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Message::Commit(m)) => return self.pipelined_commit(m).await,
+                    (Ok(()), Message::Insert(m)) => self.pipelined_insert(frame, m).await,
+                    (Ok(()), Message::Update(m)) => self.pipelined_update(frame, m).await,
+                    (Ok(()), Message::Delete(m)) => self.pipelined_delete(frame, m).await,
+                    (Ok(()), Message::Truncate(m)) => self.pipelined_truncate(m),
+                    (Ok(()), Message::Logical(m)) => {
+                        self.handle_message(m);
+                        Ok(())
+                    }
+                    (Ok(()), Message::Relation(_) | Message::Begin(_) | Message::Startup(_)) => {
+                        // Needs answers from the server (or is an error): after
+                        // everything in flight is checked.
+                        self.pipe.drain().await?;
+                        if self.pipe.failed().is_some() {
+                            return self.replay().await;
+                        }
+                        self.dispatch(msg).await
+                    }
                 }
-                self.dispatch(msg).await
             }
         };
         match result {
@@ -546,7 +572,11 @@ impl Applier {
             return self.replay().await;
         }
         if self.pipe.chunk_full() {
-            if let Err(e) = self.flush_inserts().await {
+            let flushed = match self.flush_inserts().await {
+                Ok(()) => self.flush_held().await,
+                e => e,
+            };
+            if let Err(e) = flushed {
                 self.pipe.fail(|| e.to_string());
             }
             self.pipe.drain().await?;
@@ -558,6 +588,60 @@ impl Applier {
             self.pipe.make_room().await?;
         }
         Ok(())
+    }
+
+    /// Holds a change of `rel_id` for `bdr.apply_changes` (after the
+    /// INSERTs held back for a statement); enough of them go out.
+    async fn hold(
+        &mut self,
+        rel_id: RelId,
+        raw: &[u8],
+        origin: Option<u32>,
+    ) -> Result<(), ApplyError> {
+        self.flush_inserts().await?;
+        self.held.add(rel_id, raw, origin);
+        if self.held.len() >= batch::PIPE_CALL_BYTES {
+            self.flush_held().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the changes held for `bdr.apply_changes` as one call (the
+    /// transaction's COMMIT records its end LSN).
+    async fn flush_held(&mut self) -> Result<(), ApplyError> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let stmt = match &self.apply_changes {
+            Some(stmt) => stmt.clone(),
+            None => {
+                let stmt = self.client.prepare(batch::APPLY_CHANGES).await?;
+                self.apply_changes.insert(stmt).clone()
+            }
+        };
+        let (changes, origin) = self.held.take_call(&self.relations);
+        debug!(
+            bytes = changes.len(),
+            "pipelined changes go to bdr.apply_changes"
+        );
+        let params = vec![
+            Param::Shared {
+                bytes: changes,
+                spaces: 0,
+                text: false,
+            },
+            Param::Null,
+            Param::Null,
+            origin.map_or(Param::Null, Param::four_bytes),
+        ];
+        self.pipe
+            .push(execute(&self.client, stmt, params), Expect::Done)
+    }
+
+    /// Forgets the changes held back, INSERTs and those for the server.
+    fn forget_held(&mut self) {
+        self.run = None;
+        self.held.clear();
     }
 
     /// A simple-protocol statement as a pipelined reply.
@@ -583,7 +667,7 @@ impl Applier {
     /// since then one statement at a time.
     async fn replay(&mut self) -> Result<(), ApplyError> {
         // Its rows are among the kept messages.
-        self.run = None;
+        self.forget_held();
         self.pipe.drain().await?;
         let why = self.pipe.failed().unwrap_or_default().to_owned();
         let (kept, at_savepoint) = self.pipe.take_kept();
