@@ -57,6 +57,7 @@ pub fn run(pairs: &mut [Pair], sizes: &Sizes, report: &mut Report) -> anyhow::Re
 /// the receiver streams and has applied everything so far.
 fn select(pair: &mut Pair, system: System) -> anyhow::Result<()> {
     pair.pause_as(system)?;
+    pair.tidy();
     pair.resume()?;
     let m = pair.write_marker();
     pair.wait_for_marker(m, crate::wait_limit())?;

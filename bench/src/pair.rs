@@ -40,6 +40,10 @@ const HISTORY: &str = "pgbench_history";
 /// Settings for the benchmark servers, appended after the test harness's
 /// (later lines win). Durability is off on every node alike (`fsync =
 /// off` from the harness): the figures compare replication, not disks.
+/// Autovacuum is off: the pairs share the machine, and a vacuum of the
+/// rows one system just applied would run in the middle of the next
+/// system's measurement; instead each timed run starts with a VACUUM
+/// ANALYZE of its own pair ([`Pair::tidy`]).
 const BENCH_CONF: &str = "\
 shared_buffers = 256MB
 max_connections = 50
@@ -48,7 +52,7 @@ wal_receiver_timeout = 60s
 checkpoint_timeout = 30min
 max_wal_size = 4GB
 logical_decoding_work_mem = 64MB
-autovacuum = on
+autovacuum = off
 log_min_messages = warning
 # The built-in launcher waits this long before starting an apply worker
 # again for a subscription whose worker just exited (default 5 s); the
@@ -412,10 +416,7 @@ impl Pair {
         write: impl FnOnce(&Node) -> anyhow::Result<()>,
     ) -> anyhow::Result<Catchup> {
         self.pause()?;
-        for node in [&self.origin, &self.receiver] {
-            node.safe_psql("VACUUM ANALYZE");
-            node.safe_psql("CHECKPOINT");
-        }
+        self.tidy();
         let first = self.write_marker();
         write(&self.origin)?;
         let last = self.write_marker();
@@ -439,6 +440,16 @@ impl Pair {
             cpu_receiver: r1 - r0,
             cpu_walsender: w1 - w0,
         })
+    }
+
+    /// Vacuums, analyzes and checkpoints both nodes, so that each
+    /// measurement starts from tidy tables (autovacuum is off, see
+    /// `BENCH_CONF`).
+    pub fn tidy(&self) {
+        for node in [&self.origin, &self.receiver] {
+            node.safe_psql("VACUUM ANALYZE");
+            node.safe_psql("CHECKPOINT");
+        }
     }
 
     /// Whether the receiver holds the same rows as the origin once it has
