@@ -457,6 +457,56 @@ fn columns_are_matched_by_name_and_definition_changes_are_followed() {
 }
 
 #[test]
+fn a_table_created_again_is_mapped_again() {
+    // b's copy of t is dropped and created again (a new OID) while a, whose
+    // table did not change, sends no new RELATION message. The description
+    // of t that b's applier hands the server names the old table: the
+    // first batch fails, the relations are mapped again, and the later
+    // transactions go to the server in batches again (without the new
+    // mapping, each batch would fail and be applied one statement at a
+    // time).
+    let mut mesh = Mesh::new(&["a", "b"], "CREATE TABLE t (id int PRIMARY KEY, v text)");
+    mesh.applier("b").stop();
+    // Counts the calls of bdr.apply_transactions that succeed.
+    mesh.node("b")
+        .safe_psql("ALTER SYSTEM SET track_functions = 'all'");
+    mesh.node("b").safe_psql("SELECT pg_reload_conf()");
+    mesh.applier("b")
+        .restart_with_env(&[("RUST_LOG", "info,bdr_applier=debug")]);
+    mesh.node("a").safe_psql("INSERT INTO t VALUES (0, 'zero')");
+    mesh.node("a").safe_psql("DELETE FROM t");
+    mesh.wait_for_catchup();
+    // The same columns in another order: other column numbers.
+    mesh.node("b").safe_psql(
+        "DROP TABLE t;
+         CREATE TABLE t (v text, id int PRIMARY KEY);
+         SELECT pg_stat_reset();",
+    );
+    for id in 1..=20 {
+        mesh.node("a")
+            .safe_psql(&format!("INSERT INTO t VALUES ({id}, 'a')"));
+    }
+    mesh.node("a")
+        .safe_psql("UPDATE t SET v = 'a2' WHERE id > 10");
+    mesh.wait_for_catchup();
+    assert_eq!(
+        mesh.node("b")
+            .safe_psql("SELECT count(*), count(*) FILTER (WHERE v = 'a2') FROM t"),
+        "20|10"
+    );
+    let log = mesh.applier("b").log();
+    assert!(log.contains("mapping the relations again"), "{log}");
+    assert_eq!(log.matches("batch failed").count(), 1, "{log}");
+    // The server applied them after the failure (a failed call is not
+    // counted).
+    mesh.node("b").poll_query_until(
+        "SELECT coalesce(sum(calls), 0) >= 1 FROM pg_stat_user_functions
+          WHERE schemaname = 'bdr' AND funcname = 'apply_transactions'",
+        "t",
+    );
+}
+
+#[test]
 fn a_crash_between_local_commit_and_feedback_applies_nothing_twice() {
     // Pipelined without batches, the applier stops committing right there.
     let committed = crash_after_three_commits(&[("BDR_APPLY_BATCH", "off")]);

@@ -107,6 +107,22 @@ enum Tag {
     Sync,
 }
 
+/// The first failure in the batches in flight.
+#[derive(Debug)]
+struct Failure {
+    /// The transaction that failed.
+    seq: u64,
+    why: String,
+    /// The error's SQLSTATE.
+    code: String,
+}
+
+/// SQLSTATEs of a failure that may come from a description of a local
+/// table that no longer holds: `bdr.apply_changes` finds the table or
+/// index changed (object_not_in_prerequisite_state) or gone (an internal
+/// error), a statement names a table or column no longer there.
+const STALE: [&str; 4] = ["55000", "XX000", "42P01", "42703"];
+
 /// The messages of one remote transaction, kept until its COMMIT is
 /// confirmed.
 #[derive(Debug)]
@@ -135,7 +151,7 @@ pub(super) struct Batch {
     /// ([`CHECK_PROGRESS`]), else one.
     depth: usize,
     /// The first failure in the batch in flight: its transaction and why.
-    failed: Option<(u64, String)>,
+    failed: Option<Failure>,
     /// Messages of the transactions not confirmed yet, oldest first.
     kept: VecDeque<KeptTxn>,
     next_seq: u64,
@@ -854,9 +870,15 @@ impl Applier {
             Event::Error(e) => {
                 match b.sent.pop_front() {
                     Some(Tag::Stmt { seq, .. }) => match &b.failed {
-                        None => b.failed = Some((seq, e.to_string())),
-                        Some((first, _)) => {
-                            debug!(error = %e, failed = first, "a batch behind a failed one did not apply")
+                        None => {
+                            b.failed = Some(Failure {
+                                seq,
+                                why: e.to_string(),
+                                code: e.code.clone(),
+                            })
+                        }
+                        Some(first) => {
+                            debug!(error = %e, failed = first.seq, "a batch behind a failed one did not apply")
                         }
                     },
                     _ => {
@@ -884,8 +906,8 @@ impl Applier {
                     // applied again from the failed transaction.
                     return Ok(());
                 }
-                if let Some((seq, why)) = b.failed.take() {
-                    return self.recover(seq, why, status).await;
+                if let Some(failure) = b.failed.take() {
+                    return self.recover(failure, status).await;
                 }
                 if status != b'I' {
                     // Batches hold whole transactions, each ending in COMMIT.
@@ -905,7 +927,8 @@ impl Applier {
     /// After a failed batch: rolls back what the server left open and
     /// applies every transaction from `seq` on again, one statement at a
     /// time on the other session.
-    async fn recover(&mut self, seq: u64, why: String, status: u8) -> Result<(), ApplyError> {
+    async fn recover(&mut self, failure: Failure, status: u8) -> Result<(), ApplyError> {
+        let Failure { seq, why, code } = failure;
         let b = self.batch.as_mut().expect("batched");
         // What was encoded since is applied again too, from its messages.
         b.drop_unsent();
@@ -913,6 +936,12 @@ impl Applier {
             b.wire.simple("ROLLBACK").await?;
         }
         b.wire.forget_statements().await?;
+        if STALE.contains(&code.as_str()) {
+            // Were a local table created again, every later batch would
+            // fail the same way until the peer sent its RELATION again.
+            debug!(why, "mapping the relations again");
+            self.relations.remap(&self.client).await?;
+        }
         // A failed call of bdr.apply_transactions committed the
         // transactions before the one that failed: the origin's progress
         // tells which.

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use bdr_protocol::apply::{LocalColumn, LocalRelation};
-use bdr_protocol::{Oid, RelId, Relation, ReplicaIdentity};
+use bdr_protocol::{Message, Messages, Oid, RelId, Relation, ReplicaIdentity, write_relation};
 use tokio_postgres::{Client, Row, Statement};
 
 use super::ApplyError;
@@ -114,6 +114,9 @@ pub(crate) struct MappedRelation {
     delete: Option<Statement>,
     /// Statement texts by shape, for the batched apply session.
     texts: HashMap<Shape, std::sync::Arc<str>>,
+    /// The RELATION message this mapping came from, to map it again
+    /// (see [`RelationMap::remap`]).
+    message: Vec<u8>,
 }
 
 impl MappedRelation {
@@ -202,6 +205,11 @@ impl MappedRelation {
             update_partial: HashMap::new(),
             delete: None,
             texts: HashMap::new(),
+            message: {
+                let mut message = Vec::new();
+                write_relation(&mut message, remote);
+                message
+            },
         })
     }
 
@@ -434,5 +442,28 @@ impl RelationMap {
     /// Forgets every relation (a new stream starts with none).
     pub(crate) fn clear(&mut self) {
         self.by_id.clear();
+    }
+
+    /// Maps every relation again from the RELATION message it came from,
+    /// through `client`: a local table may have been dropped and created
+    /// again (a new OID, other column numbers) while the peer, whose
+    /// table did not change, sends no new RELATION message. A relation
+    /// that cannot be mapped now keeps its mapping (its statements report
+    /// what is wrong).
+    pub(crate) async fn remap(&mut self, client: &Client) -> Result<(), ApplyError> {
+        for relation in self.by_id.values_mut() {
+            let Some(Ok(Message::Relation(remote))) = Messages::new(&relation.message).next()
+            else {
+                continue;
+            };
+            match MappedRelation::map(client, &remote).await {
+                Ok(mapped) => *relation = mapped,
+                Err(ApplyError::Database(e)) => return Err(ApplyError::Database(e)),
+                Err(e) => {
+                    tracing::warn!(relation = %relation.display, error = %e, "cannot map the table again")
+                }
+            }
+        }
+        Ok(())
     }
 }
