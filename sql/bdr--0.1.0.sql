@@ -47,6 +47,7 @@ COMMENT ON PROCEDURE bdr.apply_transactions(bytea) IS
 CREATE FUNCTION bdr.apply_check_progress(expected pg_lsn)
     RETURNS void
     LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog
     AS $$
 BEGIN
     IF pg_catalog.pg_replication_origin_session_progress(false) IS DISTINCT FROM expected THEN
@@ -58,7 +59,7 @@ END
 $$;
 REVOKE ALL ON FUNCTION bdr.apply_check_progress(pg_lsn) FROM PUBLIC;
 COMMENT ON FUNCTION bdr.apply_check_progress(pg_lsn) IS
-    'raises unless the replication origin of the session has reached expected (bdr-applier''s batched session, between batches)';
+    'raises unless the replication origin of the session is at expected, the end LSN of the last transaction before (bdr-applier''s batched session, between batches)';
 
 -- Membership: the nodes of the group as this node knows them. bdr-applier
 -- streams from every active node other than itself, and watches this
