@@ -3,7 +3,8 @@
 //! (one UPDATE and one INSERT per transaction, 4 clients, `RATE`
 //! transactions per second, default 2300, for 10 s); the probe compares a's
 //! WAL position with b's replication origin progress and prints the
-//! percentiles of the time lag and the worst samples. b's applier logs at
+//! percentiles of the time lag and the worst samples, with how far a's
+//! walsender had sent at the time. b's applier logs at
 //! debug level to `/tmp/lag_probe_applier.log` (its status updates show
 //! what it had received and applied when). Run it with
 //!
@@ -75,13 +76,19 @@ fn main() {
     let (mut a, mut b) = (conn(port_a), conn(port_b));
     let start = Instant::now();
     let mut wal: Vec<(f64, u64)> = Vec::new();
-    let mut lags: Vec<(f64, f64)> = Vec::new();
+    // (time, lag of what b applied, lag of what a's walsender sent), ms.
+    let mut lags: Vec<(f64, f64, f64)> = Vec::new();
     while start.elapsed() < Duration::from_secs(10) {
         let t = start.elapsed().as_secs_f64();
-        let al: String = a
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .unwrap()
-            .get(0);
+        let row = a
+            .query_one(
+                "SELECT pg_current_wal_lsn()::text,
+                        (SELECT max(sent_lsn)::text FROM pg_stat_replication)",
+                &[],
+            )
+            .unwrap();
+        let al: String = row.get(0);
+        let sent = row.get::<_, Option<String>>(1).map_or(0, |s| lsn(&s));
         wal.push((t, lsn(&al)));
         let bl: Option<String> = b
             .query_one(
@@ -92,14 +99,13 @@ fn main() {
             .get(0);
         let applied = bl.map(|s| lsn(&s)).unwrap_or(0);
         let now = start.elapsed().as_secs_f64();
-        // When a's WAL first passed what b has applied.
-        let at = wal
-            .iter()
-            .find(|(_, l)| *l > applied)
-            .map(|(t, _)| *t)
-            .unwrap_or(now);
+        // How long ago a's WAL first passed `pos`.
+        let behind = |pos: u64| {
+            let at = wal.iter().find(|(_, l)| *l > pos).map_or(now, |(t, _)| *t);
+            (now - at).max(0.0) * 1000.0
+        };
         if t > 1.0 {
-            lags.push((now, (now - at).max(0.0) * 1000.0));
+            lags.push((now, behind(applied), behind(sent)));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -117,8 +123,8 @@ fn main() {
     );
     let mut worst = lags.clone();
     worst.sort_by(|x, y| y.1.total_cmp(&x.1));
-    for (t, l) in worst.iter().take(8) {
-        eprintln!("  t={t:.3}s lag {l:.1} ms");
+    for (t, l, s) in worst.iter().take(8) {
+        eprintln!("  t={t:.3}s lag {l:.1} ms (a's walsender had sent all but {s:.1} ms)");
     }
     let log = mesh.applier("b").log();
     eprintln!(
