@@ -472,6 +472,25 @@ fn handler_rows_keep_the_columns_they_leave_out() {
     );
 }
 
+/// Ten transactions from a (rows 11 to 20, 'a'), which reach b as a
+/// backlog after `on_b` ran on b; the rows of t once both caught up, and
+/// b's applier log (debug).
+fn backlog_after(on_b: &str) -> (Mesh, String, String) {
+    let mut mesh = pair("");
+    mesh.applier("b").stop();
+    for id in 11..=20 {
+        mesh.node("a")
+            .safe_psql(&format!("INSERT INTO t VALUES ({id}, 'a')"));
+    }
+    mesh.node("b").safe_psql(on_b);
+    mesh.applier("b")
+        .restart_with_env(&[("RUST_LOG", "info,bdr_applier=debug")]);
+    mesh.wait_for_catchup();
+    let rows = mesh.assert_same("SELECT string_agg(id || v, ',' ORDER BY id) FROM t");
+    let log = mesh.applier("b").log();
+    (mesh, rows, log)
+}
+
 #[test]
 fn a_conflict_among_batched_transactions_applies_each_other_one_once() {
     // Ten transactions from a reach b as a backlog, many to one call of
@@ -479,21 +498,8 @@ fn a_conflict_among_batched_transactions_applies_each_other_one_once() {
     // before it commit in that call, and only the sixth and later are
     // applied again: another application of an earlier one would find
     // its row there and be recorded as a conflict too.
-    let mut mesh = pair("");
-    mesh.applier("b").stop();
-    for id in 11..=20 {
-        mesh.node("a")
-            .safe_psql(&format!("INSERT INTO t VALUES ({id}, 'a')"));
-    }
-    mesh.node("b").safe_psql("INSERT INTO t VALUES (16, 'b')");
-    mesh.applier("b")
-        .restart_with_env(&[("RUST_LOG", "info,bdr_applier=debug")]);
-    mesh.wait_for_catchup();
-    assert_eq!(
-        mesh.assert_same("SELECT string_agg(id || v, ',' ORDER BY id) FROM t"),
-        "11a,12a,13a,14a,15a,16b,17a,18a,19a,20a"
-    );
-    let log = mesh.applier("b").log();
+    let (mesh, rows, log) = backlog_after("INSERT INTO t VALUES (16, 'b')");
+    assert_eq!(rows, "11a,12a,13a,14a,15a,16b,17a,18a,19a,20a");
     assert_eq!(history(mesh.node("b")), "insert_exists|keep_local", "{log}");
     assert!(log.contains("batch failed"), "{log}");
 }
@@ -506,13 +512,7 @@ fn a_batch_behind_a_failed_one_applies_nothing() {
     // batch must not commit: were it to, the origin's progress would pass
     // the failed transaction, which would then never be applied (no
     // conflict recorded, b's row never sent back over).
-    let mut mesh = pair("");
-    mesh.applier("b").stop();
-    for id in 11..=20 {
-        mesh.node("a")
-            .safe_psql(&format!("INSERT INTO t VALUES ({id}, 'a')"));
-    }
-    mesh.node("b").safe_psql(
+    let (mesh, rows, log) = backlog_after(
         "INSERT INTO t VALUES (11, 'b');
          CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
@@ -523,14 +523,7 @@ fn a_batch_behind_a_failed_one_applies_nothing() {
              FOR EACH ROW EXECUTE FUNCTION slow();
          ALTER TABLE t ENABLE ALWAYS TRIGGER slow;",
     );
-    mesh.applier("b")
-        .restart_with_env(&[("RUST_LOG", "info,bdr_applier=debug")]);
-    mesh.wait_for_catchup();
-    assert_eq!(
-        mesh.assert_same("SELECT string_agg(id || v, ',' ORDER BY id) FROM t"),
-        "11b,12a,13a,14a,15a,16a,17a,18a,19a,20a"
-    );
-    let log = mesh.applier("b").log();
+    assert_eq!(rows, "11b,12a,13a,14a,15a,16a,17a,18a,19a,20a");
     assert_eq!(history(mesh.node("b")), "insert_exists|keep_local", "{log}");
     assert!(
         log.contains("a batch behind a failed one did not apply"),

@@ -640,13 +640,7 @@ impl Applier {
             return Ok(());
         }
         self.batch.as_mut().expect("batched").keep(raw.clone());
-        let change = match msg {
-            Message::Insert(m) => Some(("INSERT", m.rel_id)),
-            Message::Update(m) => Some(("UPDATE", m.rel_id)),
-            Message::Delete(m) => Some(("DELETE", m.rel_id)),
-            _ => None,
-        };
-        if let Some((what, rel_id)) = change
+        if let Some((what, rel_id)) = super::change_of(msg)
             && self.keep_for_server(what, rel_id, &raw)?
         {
             return Ok(());

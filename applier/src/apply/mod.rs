@@ -515,17 +515,9 @@ impl Applier {
             return self.dispatch(msg).await;
         }
         self.pipe.keep(raw.clone());
-        let held = match msg {
-            Message::Insert(m) => self
-                .server_applies("INSERT", m.rel_id)
-                .map(|h| (m.rel_id, h)),
-            Message::Update(m) => self
-                .server_applies("UPDATE", m.rel_id)
-                .map(|h| (m.rel_id, h)),
-            Message::Delete(m) => self
-                .server_applies("DELETE", m.rel_id)
-                .map(|h| (m.rel_id, h)),
-            _ => Ok((0, None)),
+        let held = match change_of(msg) {
+            Some((what, rel_id)) => self.server_applies(what, rel_id).map(|h| (rel_id, h)),
+            None => Ok((0, None)),
         };
         let result = match held {
             Err(e) => Err(e),
@@ -1022,6 +1014,16 @@ async fn quiet_errors(client: &Client, quiet: bool) -> bool {
             debug!(error = %e, "log_min_messages unchanged");
             false
         }
+    }
+}
+
+/// The kind and relation of a row change; `None` for other messages.
+fn change_of(msg: &Message<'_>) -> Option<(&'static str, RelId)> {
+    match msg {
+        Message::Insert(m) => Some(("INSERT", m.rel_id)),
+        Message::Update(m) => Some(("UPDATE", m.rel_id)),
+        Message::Delete(m) => Some(("DELETE", m.rel_id)),
+        _ => None,
     }
 }
 

@@ -458,7 +458,7 @@ impl RelationMap {
             };
             match MappedRelation::map(client, &remote).await {
                 Ok(mapped) => *relation = mapped,
-                Err(ApplyError::Database(e)) => return Err(ApplyError::Database(e)),
+                Err(e @ ApplyError::Database(_)) => return Err(e),
                 Err(e) => {
                     tracing::warn!(relation = %relation.display, error = %e, "cannot map the table again")
                 }
