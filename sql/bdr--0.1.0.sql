@@ -46,17 +46,8 @@ COMMENT ON PROCEDURE bdr.apply_transactions(bytea) IS
 -- transactions, this raises, and the server skips the rest of the batch.
 CREATE FUNCTION bdr.apply_check_progress(expected pg_lsn)
     RETURNS void
-    LANGUAGE plpgsql VOLATILE
-    SET search_path = pg_catalog
-    AS $$
-BEGIN
-    IF pg_catalog.pg_replication_origin_session_progress(false) IS DISTINCT FROM expected THEN
-        RAISE EXCEPTION 'the replication origin of this session is at %, not at %',
-            pg_catalog.pg_replication_origin_session_progress(false), expected
-            USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
-END
-$$;
+    LANGUAGE c STRICT VOLATILE
+    AS 'MODULE_PATHNAME', 'apply_check_progress';
 REVOKE ALL ON FUNCTION bdr.apply_check_progress(pg_lsn) FROM PUBLIC;
 COMMENT ON FUNCTION bdr.apply_check_progress(pg_lsn) IS
     'raises unless the replication origin of the session is at expected, the end LSN of the last transaction before (bdr-applier''s batched session, between batches)';

@@ -182,6 +182,58 @@ fn record_commit(function: &str, end_lsn: u64, commit_time: i64) {
     }
 }
 
+/// `pg_finfo` record of [`apply_check_progress`].
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_apply_check_progress() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `bdr.apply_check_progress(expected pg_lsn) RETURNS void` (STRICT):
+/// raises unless the session's replication origin is at `expected`. The
+/// applier's batched session runs it first in a batch sent while the one
+/// before is still being applied, with the end LSN of that one's last
+/// transaction: when any of them did not commit, the error makes the
+/// server skip the whole batch up to its Sync.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with one argument.
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn apply_check_progress(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: the function manager passes a valid call with one argument,
+    // not NULL (STRICT); a pg_lsn is passed by value.
+    let expected = unsafe { (*fcinfo).args.as_slice(1)[0].value.value() as u64 };
+    require_superuser("bdr.apply_check_progress");
+    // SAFETY: backend globals of this session's replication origin.
+    let at = unsafe {
+        if pg_sys::replorigin_session_origin == pg_sys::InvalidRepOriginId as u16 {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "bdr.apply_check_progress: no replication origin is configured in this session"
+                    .into(),
+                None,
+            );
+        }
+        pg_sys::replorigin_session_get_progress(false)
+    };
+    if at != expected {
+        let lsn = |l: u64| format!("{:X}/{:X}", l >> 32, l as u32);
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "the replication origin of this session is at {}, not at {}",
+                lsn(at),
+                lsn(expected)
+            ),
+            None,
+        );
+    }
+    pg_sys::Datum::from(0usize)
+}
+
 /// `pg_finfo` record of [`apply_transactions`].
 #[unsafe(no_mangle)]
 pub extern "C" fn pg_finfo_apply_transactions() -> &'static pg_sys::Pg_finfo_record {

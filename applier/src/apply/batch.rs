@@ -188,7 +188,7 @@ const APPLY_TRANSACTIONS: &str = "CALL bdr.apply_transactions($1::bytea)";
 
 /// The function that raises unless the session's replication origin is
 /// at the given LSN (the end of the batch before).
-const CHECK_PROGRESS: &str = "SELECT bdr.apply_check_progress";
+const CHECK_PROGRESS: &str = "SELECT bdr.apply_check_progress($1::pg_lsn)";
 
 /// Bytes of transactions after which the pending call is encoded.
 const CALL_BYTES: usize = 1 << 20;
@@ -547,9 +547,10 @@ impl Batch {
             } => Some(*lsn),
             _ => None,
         });
-        let check =
-            after.map(|lsn| format!("{CHECK_PROGRESS}('{}'::pg_lsn)", crate::stream::Lsn(lsn)));
-        self.wire.send_batch(bytes, check.as_deref()).await?;
+        let check = after.map(|lsn| [Param::eight_bytes(lsn)]);
+        self.wire
+            .send_batch(bytes, check.as_ref().map(|p| (CHECK_PROGRESS, &p[..])))
+            .await?;
         if check.is_some() {
             let Some(Tag::Stmt { seq, .. }) = self.unsent.first() else {
                 unreachable!("a batch starts with a statement");

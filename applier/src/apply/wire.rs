@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use postgres_protocol::IsNull;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
@@ -119,24 +119,29 @@ impl Wire {
     }
 
     /// Writes the encoded bytes up to `at`, after `first` (a statement
-    /// with no parameters) when given and followed by a Sync; the rest
-    /// stays encoded.
+    /// and its parameters, parsed once per session) when given and
+    /// followed by a Sync; the rest stays encoded.
     pub(super) async fn send_batch(
         &mut self,
         at: usize,
-        first: Option<&str>,
+        first: Option<(&str, &[Param<'_>])>,
     ) -> Result<(), StreamError> {
+        let mut head = BytesMut::new();
+        if let Some((sql, params)) = first {
+            // Written now, ahead of everything unsent: its Parse is not
+            // among the unsent ones.
+            self.encode_execute(sql, params, &mut head)?;
+        }
         let tail = self.out.split_off(at);
         frontend::sync(&mut self.out);
+        trace!(bytes = head.len() + self.out.len(), "sending batch");
         let sent = async {
-            if let Some(sql) = first {
-                let mut head = BytesMut::new();
-                encode_once(sql, &mut head)?;
-                self.writer.write_all(&head).await?;
-            }
-            self.send().await
+            let mut both = (&mut head).chain(&mut self.out);
+            self.writer.write_all_buf(&mut both).await?;
+            self.writer.flush().await
         }
         .await;
+        self.out.clear();
         self.out.unsplit(tail);
         sent?;
         self.unsent_parses.retain_mut(|(start, _)| {
@@ -163,16 +168,34 @@ impl Wire {
     /// statements of the other apply paths take them), parsing it first
     /// if this session has not yet.
     pub(super) fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<(), StreamError> {
+        let at = self.out.len();
+        let mut out = std::mem::take(&mut self.out);
+        let parsed = self.encode_execute(sql, params, &mut out);
+        self.out = out;
+        if parsed? {
+            self.unsent_parses.push((at, sql.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Encodes into `out` the execution of `sql` with `params`, after its
+    /// Parse if this session has not parsed it yet; whether it did.
+    fn encode_execute(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+        out: &mut BytesMut,
+    ) -> Result<bool, StreamError> {
         if let Some(name) = self.statements.get(sql) {
-            return bind_execute(name, params, &mut self.out);
+            bind_execute(name, params, out)?;
+            return Ok(false);
         }
         self.next_name += 1;
         let name = format!("bdr_{}", self.next_name);
-        self.unsent_parses.push((self.out.len(), sql.to_owned()));
-        frontend::parse(&name, sql, std::iter::empty(), &mut self.out).map_err(StreamError::Io)?;
-        bind_execute(&name, params, &mut self.out)?;
+        frontend::parse(&name, sql, std::iter::empty(), out).map_err(StreamError::Io)?;
+        bind_execute(&name, params, out)?;
         self.statements.insert(sql.to_owned(), name);
-        Ok(())
+        Ok(true)
     }
 
     /// Encodes the execution of a statement that is not kept (TRUNCATE).
@@ -302,7 +325,10 @@ fn to_event(msg: Message) -> Option<Event> {
         Message::ErrorResponse(body) => {
             Some(Event::Error(crate::stream::db_error_of(body.fields())))
         }
-        Message::ReadyForQuery(body) => Some(Event::Ready(body.status())),
+        Message::ReadyForQuery(body) => {
+            trace!("ready");
+            Some(Event::Ready(body.status()))
+        }
         Message::NoticeResponse(body) => {
             let notice = crate::stream::db_error_of(body.fields());
             debug!(notice = %notice, "batched apply session");
