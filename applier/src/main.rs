@@ -78,7 +78,12 @@ fn main() -> anyhow::Result<()> {
         None => FileSettings::default(),
     };
     let settings = Settings::resolve(file, cli.node_name, cli.dsn, cli.apply_pipeline)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread: the applier's own work per transaction is a few
+    // microseconds, small next to its server session's, and at low rates
+    // (a few transactions per batch) handing each reply and frame between
+    // worker threads cost a fifth of its CPU time, on the cores the
+    // servers need.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(command(cli.command, settings))
