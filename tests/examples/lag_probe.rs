@@ -4,9 +4,13 @@
 //! transactions per second, default 2300, for 10 s); the probe compares a's
 //! WAL position with b's replication origin progress and prints the
 //! percentiles of the time lag and the worst samples, with how far a's
-//! walsender had sent at the time. b's applier logs at
-//! debug level to `/tmp/lag_probe_applier.log` (its status updates show
-//! what it had received and applied when). Run it with
+//! walsender had sent at the time (and their wall-clock time). b's applier
+//! logs at debug level to `/tmp/lag_probe_applier.log` (its status updates
+//! show what it had received and applied when; `PROBE_LOG` sets its
+//! `RUST_LOG`, e.g. `info,bdr_applier::apply::wire=trace` adds when each
+//! batch went out and was answered). With `SYSTEM=builtin` the appliers
+//! stop and b subscribes to a with PostgreSQL's own logical replication
+//! instead, under the same load and sampling. Run it with
 //!
 //! ```sh
 //! cargo build --release -p bdr-applier
@@ -33,10 +37,33 @@ fn main() {
     mesh.node("a")
         .safe_psql("INSERT INTO acc SELECT g, 0, '' FROM generate_series(1, 100000) g");
     mesh.wait_for_catchup();
-    mesh.applier("b").stop();
-    mesh.applier("b")
-        .restart_with_env(&[("RUST_LOG", "info,bdr_applier=debug")]);
-    mesh.wait_for_catchup();
+    let builtin = std::env::var("SYSTEM").as_deref() == Ok("builtin");
+    if builtin {
+        mesh.applier("a").stop();
+        mesh.applier("b").stop();
+        mesh.node("a")
+            .safe_psql("CREATE PUBLICATION probe_pub FOR TABLE acc, hist");
+        let connstr = mesh.node("a").connstr();
+        mesh.node("b").safe_psql(&format!(
+            "CREATE SUBSCRIPTION probe_sub CONNECTION '{connstr}' PUBLICATION probe_pub WITH (copy_data = false)"
+        ));
+        while mesh
+            .node("b")
+            .safe_psql("SELECT count(*) FROM pg_stat_subscription WHERE received_lsn IS NOT NULL")
+            != "1"
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    } else {
+        mesh.applier("b").stop();
+        mesh.applier("b").restart_with_env(&[(
+            "RUST_LOG",
+            std::env::var("PROBE_LOG")
+                .as_deref()
+                .unwrap_or("info,bdr_applier=debug"),
+        )]);
+        mesh.wait_for_catchup();
+    }
     let script = "/tmp/lag_probe.sql";
     std::fs::write(script, "\\set aid random(1, 100000)\nBEGIN;\nUPDATE acc SET abalance = abalance + 1 WHERE aid = :aid;\nINSERT INTO hist VALUES (:aid, 1, now());\nEND;\n").unwrap();
     let rate = std::env::var("RATE").unwrap_or("2300".into());
@@ -75,6 +102,10 @@ fn main() {
     };
     let (mut a, mut b) = (conn(port_a), conn(port_b));
     let start = Instant::now();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     let mut wal: Vec<(f64, u64)> = Vec::new();
     // (time, lag of what b applied, lag of what a's walsender sent), ms.
     let mut lags: Vec<(f64, f64, f64)> = Vec::new();
@@ -124,7 +155,20 @@ fn main() {
     let mut worst = lags.clone();
     worst.sort_by(|x, y| y.1.total_cmp(&x.1));
     for (t, l, s) in worst.iter().take(8) {
-        eprintln!("  t={t:.3}s lag {l:.1} ms (a's walsender had sent all but {s:.1} ms)");
+        let at = wall + t;
+        let clock = format!(
+            "{:02}:{:02}:{:06.3}",
+            (at / 3600.0) as u64 % 24,
+            (at / 60.0) as u64 % 60,
+            at % 60.0
+        );
+        eprintln!(
+            "  t={t:.3}s ({clock} UTC) lag {l:.1} ms (a's walsender had sent all but {s:.1} ms)"
+        );
+    }
+    if builtin {
+        mesh.node("b").safe_psql("DROP SUBSCRIPTION probe_sub");
+        return;
     }
     let log = mesh.applier("b").log();
     eprintln!(
