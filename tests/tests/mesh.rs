@@ -465,14 +465,42 @@ fn a_table_created_again_is_mapped_again() {
     // transactions go to the server in batches again (without the new
     // mapping, each batch would fail and be applied one statement at a
     // time).
+    let log = table_created_again(&[], "apply_transactions");
+    assert_eq!(log.matches("batch failed").count(), 1, "{log}");
+}
+
+#[test]
+fn a_table_created_again_is_mapped_again_in_large_transactions() {
+    // The same for transactions past the size of a chunk (here, every
+    // one), which leave the batches: their changes go to the server per
+    // chunk, and after the first failure the relations are mapped again.
+    let log = table_created_again(&[("BDR_APPLY_CHUNK_BYTES", "1")], "apply_changes");
+    assert_eq!(
+        log.matches("applying again one statement at a time")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("pipelined changes go to bdr.apply_changes"),
+        "{log}"
+    );
+}
+
+/// Drops and creates again b's copy of t while b's applier (with `env`)
+/// runs, then replicates 21 transactions into it from a: checks that they
+/// all applied, the relations were mapped again and the server's
+/// `function` applied changes afterwards; returns b's applier log.
+fn table_created_again(env: &[(&str, &str)], function: &str) -> String {
     let mut mesh = Mesh::new(&["a", "b"], "CREATE TABLE t (id int PRIMARY KEY, v text)");
     mesh.applier("b").stop();
-    // Counts the calls of bdr.apply_transactions that succeed.
+    // Counts the calls of the bdr functions that succeed.
     mesh.node("b")
         .safe_psql("ALTER SYSTEM SET track_functions = 'all'");
     mesh.node("b").safe_psql("SELECT pg_reload_conf()");
-    mesh.applier("b")
-        .restart_with_env(&[("RUST_LOG", "info,bdr_applier=debug")]);
+    let mut with_log = env.to_vec();
+    with_log.push(("RUST_LOG", "info,bdr_applier=debug"));
+    mesh.applier("b").restart_with_env(&with_log);
     mesh.node("a").safe_psql("INSERT INTO t VALUES (0, 'zero')");
     mesh.node("a").safe_psql("DELETE FROM t");
     mesh.wait_for_catchup();
@@ -496,14 +524,16 @@ fn a_table_created_again_is_mapped_again() {
     );
     let log = mesh.applier("b").log();
     assert!(log.contains("mapping the relations again"), "{log}");
-    assert_eq!(log.matches("batch failed").count(), 1, "{log}");
-    // The server applied them after the failure (a failed call is not
+    // The server applied changes after the failure (a failed call is not
     // counted).
     mesh.node("b").poll_query_until(
-        "SELECT coalesce(sum(calls), 0) >= 1 FROM pg_stat_user_functions
-          WHERE schemaname = 'bdr' AND funcname = 'apply_transactions'",
+        &format!(
+            "SELECT coalesce(sum(calls), 0) >= 1 FROM pg_stat_user_functions
+              WHERE schemaname = 'bdr' AND funcname = '{function}'"
+        ),
         "t",
     );
+    log
 }
 
 #[test]

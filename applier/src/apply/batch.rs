@@ -117,12 +117,6 @@ struct Failure {
     code: String,
 }
 
-/// SQLSTATEs of a failure that may come from a description of a local
-/// table that no longer holds: `bdr.apply_changes` finds the table or
-/// index changed (object_not_in_prerequisite_state) or gone (an internal
-/// error), a statement names a table or column no longer there.
-const STALE: [&str; 4] = ["55000", "XX000", "42P01", "42703"];
-
 /// The messages of one remote transaction, kept until its COMMIT is
 /// confirmed.
 #[derive(Debug)]
@@ -931,7 +925,7 @@ impl Applier {
             b.wire.simple("ROLLBACK").await?;
         }
         b.wire.forget_statements().await?;
-        if STALE.contains(&code.as_str()) {
+        if super::STALE.contains(&code.as_str()) {
             // Were a local table created again, every later batch would
             // fail the same way until the peer sent its RELATION again.
             debug!(why, "mapping the relations again");

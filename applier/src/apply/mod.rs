@@ -245,6 +245,15 @@ const XACT_SETUP: &str =
 /// local WAL is flushed up to its commit (the function flushes it).
 const DURABLE_PROGRESS: &str = "SELECT pg_catalog.pg_replication_origin_progress($1, true)";
 
+/// SQLSTATEs of a failure that may come from a description of a local
+/// table that no longer holds: `bdr.apply_changes` finds the table or
+/// index changed (object_not_in_prerequisite_state) or gone (an internal
+/// error), a statement names a table or column no longer there. After
+/// one, the relations are mapped again before anything is applied again:
+/// were a local table created again, everything sent to the server would
+/// fail the same way until the peer sent its RELATION again.
+const STALE: [&str; 4] = ["55000", "XX000", "42P01", "42703"];
+
 /// The most rows one multi-row INSERT carries (a power of two).
 const RUN_ROWS: usize = 64;
 
@@ -662,6 +671,7 @@ impl Applier {
         self.forget_held();
         self.pipe.drain().await?;
         let why = self.pipe.failed().unwrap_or_default().to_owned();
+        let stale = self.pipe.failed_stale();
         let (kept, at_savepoint) = self.pipe.take_kept();
         debug!(
             why,
@@ -675,6 +685,10 @@ impl Applier {
         } else {
             self.client.batch_execute("ROLLBACK").await?;
             self.txn = None;
+        }
+        if stale {
+            debug!(why, "mapping the relations again");
+            self.relations.remap(&self.client).await?;
         }
         if self.quiet {
             quiet_errors(&self.client, false).await;

@@ -81,6 +81,9 @@ pub(super) struct Pipeline {
     at_savepoint: bool,
     /// Why the work since the restart point must be applied again.
     failed: Option<String>,
+    /// Whether that failure may come from a stale description of a local
+    /// table (see [`super::STALE`]).
+    stale: bool,
     /// The latest end LSN whose COMMIT the server confirmed, not yet
     /// taken, and how many commits that covers.
     confirmed: Option<Lsn>,
@@ -178,7 +181,12 @@ impl Pipeline {
                 self.fail(|| format!("a change touched {got} of {want} rows"));
             }
             (_, Ok(_)) => {}
-            (_, Err(e)) => self.fail(|| crate::describe_db_error(&e)),
+            (_, Err(e)) => {
+                if self.failed.is_none() {
+                    self.stale = e.code().is_some_and(|c| super::STALE.contains(&c.code()));
+                }
+                self.fail(|| crate::describe_db_error(&e));
+            }
         }
         Ok(())
     }
@@ -239,6 +247,12 @@ impl Pipeline {
         self.kept.push(message);
     }
 
+    /// Whether the failure may come from a stale description of a local
+    /// table.
+    pub(super) fn failed_stale(&self) -> bool {
+        self.failed.is_some() && self.stale
+    }
+
     /// Whether the kept messages reached the size of a chunk.
     pub(super) fn chunk_full(&self) -> bool {
         self.kept_bytes >= chunk_bytes()
@@ -271,5 +285,6 @@ impl Pipeline {
         self.kept_bytes = 0;
         self.at_savepoint = false;
         self.failed = None;
+        self.stale = false;
     }
 }
