@@ -220,3 +220,57 @@ fn apply_require_row_fails_client_changes_that_touch_no_row() {
         .unwrap_err();
     assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e}");
 }
+
+#[test]
+fn apply_check_progress_raises_unless_the_origin_is_there() {
+    use postgres::error::SqlState;
+    let node = started("check");
+    node.safe_psql("CREATE EXTENSION bdr");
+    node.safe_psql("CREATE TABLE c (id int PRIMARY KEY)");
+    node.safe_psql("SELECT pg_replication_origin_create('bdr_00000000000000cc')");
+    let mut c = node.connect();
+    let check = |c: &mut postgres::Client, lsn: &str| {
+        c.batch_execute(&format!("SELECT bdr.apply_check_progress('{lsn}')"))
+    };
+    // Bound the applier's way: no origin yet.
+    let e = c
+        .execute(
+            "SELECT bdr.apply_check_progress($1::text::pg_lsn)",
+            &[&"0/0"],
+        )
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE),
+        "{e}"
+    );
+    let message = e.as_db_error().map(|d| d.message().to_owned());
+    assert!(
+        message
+            .as_deref()
+            .unwrap_or("")
+            .contains("no replication origin"),
+        "{message:?}"
+    );
+    c.batch_execute("SELECT pg_replication_origin_session_setup('bdr_00000000000000cc')")
+        .unwrap();
+    check(&mut c, "0/0").unwrap();
+    c.batch_execute(
+        "BEGIN;
+         SELECT pg_replication_origin_xact_setup('1/A0', now());
+         INSERT INTO c VALUES (1);
+         COMMIT",
+    )
+    .unwrap();
+    check(&mut c, "1/A0").unwrap();
+    let e = check(&mut c, "1/9F").unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE),
+        "{e}"
+    );
+    assert_eq!(
+        e.as_db_error().map(|d| d.message()),
+        Some("the replication origin of this session is at 1/A0, not at 1/9F")
+    );
+}
