@@ -928,8 +928,7 @@ impl Applier {
         if super::STALE.contains(&code.as_str()) {
             // Were a local table created again, every later batch would
             // fail the same way until the peer sent its RELATION again.
-            debug!(why, "mapping the relations again");
-            self.relations.remap(&self.client).await?;
+            self.remap_relations(&why).await?;
         }
         // A failed call of bdr.apply_transactions committed the
         // transactions before the one that failed: the origin's progress

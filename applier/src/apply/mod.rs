@@ -687,8 +687,7 @@ impl Applier {
             self.txn = None;
         }
         if stale {
-            debug!(why, "mapping the relations again");
-            self.relations.remap(&self.client).await?;
+            self.remap_relations(&why).await?;
         }
         if self.quiet {
             quiet_errors(&self.client, false).await;
@@ -705,6 +704,13 @@ impl Applier {
             self.new_restart_point().await?;
         }
         Ok(())
+    }
+
+    /// Maps every relation again after a failure with one of the
+    /// [`STALE`] SQLSTATEs (`why`).
+    async fn remap_relations(&mut self, why: &str) -> Result<(), ApplyError> {
+        debug!(why, "mapping the relations again");
+        self.relations.remap(&self.client).await
     }
 
     /// Checks what is in flight, then sends the commit: the origin's
