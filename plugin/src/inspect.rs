@@ -168,15 +168,43 @@ impl Decoder {
                 );
                 ("message", Some(m.prefix.to_owned()), None, Some(new))
             }
+            Message::StreamStart(m) => {
+                let new = format!("{{\"xid\": {}, \"first\": {}}}", m.xid, m.first);
+                ("stream_start", None, None, Some(new))
+            }
+            Message::StreamStop => ("stream_stop", None, None, None),
+            Message::Subxact(xid) => ("subxact", None, None, Some(format!("{{\"xid\": {xid}}}"))),
+            Message::StreamCommit(c) => {
+                let origin_lsn = c.origin.map_or("null".into(), |o| json_str(&lsn(o.lsn)));
+                let new = format!(
+                    "{{\"xid\": {}, \"commit_lsn\": {}, \"end_lsn\": {}, \"origin_lsn\": {origin_lsn}}}",
+                    c.xid,
+                    json_str(&lsn(c.commit_lsn)),
+                    json_str(&lsn(c.end_lsn))
+                );
+                self.origin = c.origin.map(|o| o.node_id as i64);
+                self.commit_time = Some(c.commit_time);
+                ("stream_commit", None, None, Some(new))
+            }
+            Message::StreamAbort(a) => {
+                let new = format!("{{\"xid\": {}, \"subxid\": {}}}", a.xid, a.subxid);
+                ("stream_abort", None, None, Some(new))
+            }
         };
-        let in_txn = !matches!(message, Message::Startup(_))
-            && !matches!(message, Message::Logical(m) if !m.transactional);
+        let in_txn = !matches!(
+            message,
+            Message::Startup(_)
+                | Message::StreamStart(_)
+                | Message::StreamStop
+                | Message::Subxact(_)
+                | Message::StreamAbort(_)
+        ) && !matches!(message, Message::Logical(m) if !m.transactional);
         let (origin, time) = if in_txn {
             (self.origin, self.commit_time)
         } else {
             (None, None)
         };
-        if matches!(message, Message::Commit(_)) {
+        if matches!(message, Message::Commit(_) | Message::StreamCommit(_)) {
             self.origin = None;
             self.commit_time = None;
         }

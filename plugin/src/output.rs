@@ -41,6 +41,15 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
     cb.commit_cb = Some(commit_cb);
     cb.filter_by_origin_cb = Some(filter_by_origin_cb);
     cb.shutdown_cb = Some(shutdown_cb);
+    // Streaming of large in-progress transactions, used only when the
+    // client asks for it (see `startup_cb`).
+    cb.stream_start_cb = Some(stream_start_cb);
+    cb.stream_stop_cb = Some(stream_stop_cb);
+    cb.stream_abort_cb = Some(stream_abort_cb);
+    cb.stream_commit_cb = Some(stream_commit_cb);
+    cb.stream_change_cb = Some(change_cb);
+    cb.stream_truncate_cb = Some(truncate_cb);
+    cb.stream_message_cb = Some(message_cb);
 }
 
 /// The stream of `ctx`, or `None` while creating the slot (no stream).
@@ -66,6 +75,9 @@ unsafe extern "C-unwind" fn startup_cb(
             return;
         }
         let agreed = startup::agree(ctx);
+        // PostgreSQL turns streaming on when the stream callbacks exist;
+        // it stays on only for a client that asked for it.
+        ctx.streaming &= agreed.options.streaming;
         ctx.output_plugin_private = Stream::create(ctx, agreed).cast();
     }
 }
@@ -109,6 +121,60 @@ unsafe extern "C-unwind" fn commit_cb(
     unsafe {
         if let Some(stream) = stream(ctx) {
             stream.commit(ctx, txn);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_start_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+) {
+    // SAFETY: valid pointers for the call.
+    unsafe {
+        if let Some(stream) = stream(ctx) {
+            stream.stream_start(ctx, txn);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_stop_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+) {
+    // SAFETY: valid pointers for the call.
+    unsafe {
+        if let Some(stream) = stream(ctx) {
+            stream.stream_stop(ctx);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_abort_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    _abort_lsn: pg_sys::XLogRecPtr,
+) {
+    // SAFETY: valid pointers for the call.
+    unsafe {
+        if let Some(stream) = stream(ctx) {
+            stream.stream_abort(ctx, txn);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_commit_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    _commit_lsn: pg_sys::XLogRecPtr,
+) {
+    // SAFETY: valid pointers for the call.
+    unsafe {
+        if let Some(stream) = stream(ctx) {
+            stream.stream_commit(ctx, txn);
         }
     }
 }

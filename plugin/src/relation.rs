@@ -145,6 +145,15 @@ impl RelCache {
         entry
     }
 
+    /// Forgets which descriptions were sent, so that the next change of
+    /// every table sends its RELATION again (after output was dropped).
+    pub fn forget_sent(&mut self) {
+        for entry in self.entries.values_mut() {
+            entry.sent = None;
+            entry.valid = false;
+        }
+    }
+
     fn invalidate(&mut self, relid: pg_sys::Oid) {
         if relid == pg_sys::InvalidOid {
             self.entries.values_mut().for_each(|e| e.valid = false);

@@ -9,7 +9,20 @@
 //!  message_cb -> [STARTUP] [BEGIN] MESSAGE   (transactional)
 //!                [STARTUP] MESSAGE           (non-transactional)
 //!  commit_cb  -> COMMIT, or nothing if BEGIN was never sent
+//!
+//!  stream_start_cb  -> [STARTUP] STREAM START
+//!  stream change, truncate, message -> [SUBXACT] as above, without BEGIN
+//!  stream_stop_cb   -> STREAM STOP
+//!  stream_commit_cb -> STREAM COMMIT;  stream_abort_cb -> STREAM ABORT
 //! ```
+//!
+//! Streaming (protocol version 2, startup option `streaming 'true'`):
+//! PostgreSQL hands a transaction over in blocks while it is in progress
+//! once the changes it holds in memory pass `logical_decoding_work_mem`,
+//! instead of writing them to disk and sending them after the commit
+//! (reorderbuffer.c, ReorderBufferCheckMemoryLimit). Inside a block,
+//! SUBXACT precedes a change whenever the (sub)transaction it belongs to
+//! differs from the previous change's.
 //!
 //! Invariants:
 //! - STARTUP is the first message of every stream, written just before the
@@ -34,9 +47,10 @@
 //!   when decoding ends with an ERROR and the shutdown callback never runs.
 
 use bdr_protocol::{
-    Begin, Commit, LogicalMessage, NodeId, OldKind, Origin, ReplicaIdentity, Startup, write_begin,
-    write_commit, write_delete_header, write_insert_header, write_logical_message, write_startup,
-    write_truncate, write_update_header,
+    Begin, Commit, LogicalMessage, NodeId, OldKind, Origin, ReplicaIdentity, Startup, StreamAbort,
+    StreamCommit, StreamStart, write_begin, write_commit, write_delete_header, write_insert_header,
+    write_logical_message, write_startup, write_stream_abort, write_stream_commit,
+    write_stream_start, write_stream_stop, write_subxact, write_truncate, write_update_header,
 };
 use pgrx::{PgSqlErrorCode, pg_sys};
 
@@ -77,6 +91,12 @@ pub struct Stream {
     relations: RelCache,
     change_cxt: pg_sys::MemoryContext,
     guc_level: Option<i32>,
+    /// Inside a block of a streamed transaction: the (sub)transaction of
+    /// the last change written.
+    streaming_xid: Option<u32>,
+    /// Where the change being written started in `buf`, until it is
+    /// complete (an ERROR can stop a streamed change half-way).
+    change_start: Option<usize>,
 }
 
 impl Drop for Stream {
@@ -121,6 +141,8 @@ impl Stream {
             relations: RelCache::new(cache_cxt, utf8_db, binary),
             change_cxt,
             guc_level: startup::pin_settings(),
+            streaming_xid: None,
+            change_start: None,
         };
         let ptr = pgrx::PgMemoryContexts::For(ctx.context).leak_and_drop_on_delete(stream);
         // SAFETY: the box behind ptr never moves until it is dropped, and
@@ -206,7 +228,7 @@ impl Stream {
         ctx: *mut pg_sys::LogicalDecodingContext,
         txn: *mut pg_sys::ReorderBufferTXN,
     ) {
-        if self.begin_sent {
+        if self.begin_sent || self.streaming_xid.is_some() {
             return;
         }
         // SAFETY: per the caller.
@@ -286,6 +308,115 @@ impl Stream {
         self.begin_sent = false;
     }
 
+    /// The stream start callback: a block of `txn`'s changes follows.
+    pub unsafe fn stream_start(
+        &mut self,
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        txn: *mut pg_sys::ReorderBufferTXN,
+    ) {
+        // SAFETY: per the caller.
+        unsafe { self.ensure_startup(ctx) };
+        // SAFETY: txn is the streamed top-level transaction.
+        let (xid, flags) = unsafe { (u32::from((*txn).xid), (*txn).txn_flags) };
+        let first = flags & pg_sys::RBTXN_IS_STREAMED == 0;
+        write_stream_start(&mut self.buf, &StreamStart { xid, first });
+        self.streaming_xid = Some(xid);
+        self.change_start = None;
+        // SAFETY: per the caller.
+        unsafe { self.end_message(ctx) };
+    }
+
+    /// The stream stop callback: the block ends and goes out.
+    pub unsafe fn stream_stop(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) {
+        if let Some(start) = self.change_start.take() {
+            // An ERROR stopped a change half-way (the transaction aborted
+            // while it was being decoded): drop its partial output, and
+            // any RELATION written with it.
+            self.buf.truncate(start);
+            self.relations.forget_sent();
+        }
+        write_stream_stop(&mut self.buf);
+        self.streaming_xid = None;
+        // SAFETY: per the caller.
+        unsafe { self.flush(ctx) };
+    }
+
+    /// The stream abort callback: a streamed transaction or one of its
+    /// subtransactions rolled back.
+    pub unsafe fn stream_abort(
+        &mut self,
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        txn: *mut pg_sys::ReorderBufferTXN,
+    ) {
+        // SAFETY: per the caller.
+        unsafe { self.ensure_startup(ctx) };
+        // SAFETY: txn and its top-level transaction are live.
+        let (xid, subxid) = unsafe {
+            let top = if (*txn).toptxn.is_null() {
+                txn
+            } else {
+                (*txn).toptxn
+            };
+            (u32::from((*top).xid), u32::from((*txn).xid))
+        };
+        write_stream_abort(&mut self.buf, &StreamAbort { xid, subxid });
+        // SAFETY: per the caller.
+        unsafe { self.flush(ctx) };
+    }
+
+    /// The stream commit callback: the streamed transaction committed.
+    pub unsafe fn stream_commit(
+        &mut self,
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        txn: *mut pg_sys::ReorderBufferTXN,
+    ) {
+        // SAFETY: ctx is live.
+        unsafe {
+            pg_sys::OutputPluginUpdateProgress(ctx, false);
+            self.ensure_startup(ctx);
+        }
+        // SAFETY: txn is the committing transaction.
+        let (xid, commit_lsn, end_lsn, commit_time, origin_id, origin_lsn) = unsafe {
+            let t = &*txn;
+            (
+                t.xid,
+                t.final_lsn,
+                t.end_lsn,
+                t.xact_time.commit_time,
+                t.origin_id,
+                t.origin_lsn,
+            )
+        };
+        let origin = (origin_id != pg_sys::InvalidRepOriginId as u16).then(|| Origin {
+            node_id: self.origin_node_id(origin_id),
+            lsn: origin_lsn,
+        });
+        let commit = StreamCommit {
+            xid: xid.into(),
+            commit_lsn,
+            end_lsn,
+            commit_time,
+            origin,
+        };
+        write_stream_commit(&mut self.buf, &commit);
+        // SAFETY: per the caller.
+        unsafe { self.flush(ctx) };
+    }
+
+    /// Inside a streamed block, SUBXACT if `change` belongs to another
+    /// (sub)transaction than the change before it.
+    unsafe fn ensure_subxact(&mut self, change: *mut pg_sys::ReorderBufferChange) {
+        let Some(current) = self.streaming_xid else {
+            return;
+        };
+        // SAFETY: a queued change always has its transaction.
+        let xid = u32::from(unsafe { (*(*change).txn).xid });
+        if xid != current {
+            write_subxact(&mut self.buf, xid);
+            self.streaming_xid = Some(xid);
+        }
+    }
+
     /// Whether `rel` belongs to the extension's own catalog, which every
     /// node keeps for itself (see `RelEntry::local_only`).
     ///
@@ -342,7 +473,9 @@ impl Stream {
         let previous = unsafe { pg::switch_to(self.change_cxt) };
         // SAFETY: per the caller.
         unsafe {
+            self.change_start = Some(self.buf.len());
             self.ensure_begin(ctx, txn);
+            self.ensure_subxact(change);
             let entry = &mut *self.relation(ctx, rel);
             let desc = (*rel).rd_att;
             match action {
@@ -367,6 +500,7 @@ impl Stream {
                     self.tuple(entry, desc, old);
                 }
             }
+            self.change_start = None;
             self.end_message(ctx);
             pg::switch_to(previous);
             pg_sys::MemoryContextReset(self.change_cxt);
@@ -432,7 +566,9 @@ impl Stream {
         let previous = unsafe { pg::switch_to(self.change_cxt) };
         // SAFETY: per the caller.
         unsafe {
+            self.change_start = Some(self.buf.len());
             self.ensure_begin(ctx, txn);
+            self.ensure_subxact(change);
             let mut rel_ids = std::mem::take(&mut self.rel_ids);
             rel_ids.clear();
             for rel in replicated {
@@ -441,6 +577,7 @@ impl Stream {
             let flags = (*change).data.truncate;
             write_truncate(&mut self.buf, flags.cascade, flags.restart_seqs, &rel_ids);
             self.rel_ids = rel_ids;
+            self.change_start = None;
             self.end_message(ctx);
             pg::switch_to(previous);
             pg_sys::MemoryContextReset(self.change_cxt);

@@ -15,7 +15,8 @@
 //! (`Vec<u8>`, `BytesMut`, ...): [`write_begin`], [`write_commit`],
 //! [`write_relation`], [`write_insert`], [`write_update`],
 //! [`write_delete`], [`write_truncate`], [`write_logical_message`],
-//! [`write_startup`], or [`Message::encode`]. Writers take borrowed
+//! [`write_startup`], the streamed-transaction writers
+//! ([`write_stream_start`], ...), or [`Message::encode`]. Writers take borrowed
 //! values (`&str`, `&[u8]`, `&[Datum]`), so encoding a change allocates
 //! nothing; [`TupleWriter`] with the `write_*_header` functions appends a
 //! tuple column by column without even a slice of datums. Code that
@@ -48,6 +49,7 @@ mod message;
 mod reader;
 mod relation;
 pub mod startup;
+mod streaming;
 mod tuple;
 mod txn;
 pub mod varint;
@@ -66,6 +68,10 @@ pub use relation::{
 pub use startup::{
     DatumFormats, Negotiated, Startup, StartupError, StartupOptions, VersionRange,
     negotiate_version, write_startup,
+};
+pub use streaming::{
+    StreamAbort, StreamCommit, StreamStart, write_stream_abort, write_stream_commit,
+    write_stream_start, write_stream_stop, write_subxact,
 };
 pub use tuple::{
     Datum, INT2_OID, INT4_OID, INT8_OID, IntSendFormat, MAX_COLUMNS, TupleWriter, put_tuple,
@@ -91,7 +97,7 @@ pub type Timestamp = i64;
 pub const STARTUP_VERSION: u32 = 1;
 
 /// The stream protocol versions this crate reads and writes.
-pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
+pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 1, max: 2 };
 
 /// Message tags: the first byte of every message.
 pub mod tag {
@@ -113,4 +119,14 @@ pub mod tag {
     pub const TRUNCATE: u8 = b'T';
     /// MESSAGE, a logical decoding message (version 1).
     pub const MESSAGE: u8 = b'M';
+    /// STREAM START, a block of an in-progress transaction (version 2).
+    pub const STREAM_START: u8 = b's';
+    /// STREAM STOP, the end of a block (version 2).
+    pub const STREAM_STOP: u8 = b'e';
+    /// SUBXACT, the subtransaction of the changes that follow (version 2).
+    pub const SUBXACT: u8 = b'x';
+    /// STREAM COMMIT (version 2).
+    pub const STREAM_COMMIT: u8 = b'c';
+    /// STREAM ABORT (version 2).
+    pub const STREAM_ABORT: u8 = b'a';
 }

@@ -21,11 +21,16 @@ use crate::error::DecodeError;
 use crate::reader::{Reader, Result};
 use crate::relation::{Relation, read_relation, write_relation};
 use crate::startup::{Startup, read_startup, write_startup};
-use crate::tag;
+use crate::streaming::{
+    StreamAbort, StreamCommit, StreamStart, read_stream_abort, read_stream_commit,
+    read_stream_start, read_subxact, write_stream_abort, write_stream_commit, write_stream_start,
+    write_stream_stop, write_subxact,
+};
 use crate::txn::{
     Begin, Commit, LogicalMessage, read_begin, read_commit, read_logical_message, write_begin,
     write_commit, write_logical_message,
 };
+use crate::{Xid, tag};
 
 /// Any message of the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +44,12 @@ pub enum Message<'a> {
     Delete(Delete<'a>),
     Truncate(Truncate),
     Logical(LogicalMessage<'a>),
+    StreamStart(StreamStart),
+    StreamStop,
+    /// The subtransaction the changes after it belong to.
+    Subxact(Xid),
+    StreamCommit(StreamCommit),
+    StreamAbort(StreamAbort),
 }
 
 impl Message<'_> {
@@ -54,6 +65,11 @@ impl Message<'_> {
             Message::Delete(_) => tag::DELETE,
             Message::Truncate(_) => tag::TRUNCATE,
             Message::Logical(_) => tag::MESSAGE,
+            Message::StreamStart(_) => tag::STREAM_START,
+            Message::StreamStop => tag::STREAM_STOP,
+            Message::Subxact(_) => tag::SUBXACT,
+            Message::StreamCommit(_) => tag::STREAM_COMMIT,
+            Message::StreamAbort(_) => tag::STREAM_ABORT,
         }
     }
 
@@ -73,6 +89,11 @@ impl Message<'_> {
             Message::Delete(m) => write_delete(buf, m.rel_id, m.old.kind, &m.old.tuple),
             Message::Truncate(m) => write_truncate(buf, m.cascade, m.restart_identity, &m.rel_ids),
             Message::Logical(m) => write_logical_message(buf, m),
+            Message::StreamStart(m) => write_stream_start(buf, m),
+            Message::StreamStop => write_stream_stop(buf),
+            Message::Subxact(xid) => write_subxact(buf, *xid),
+            Message::StreamCommit(m) => write_stream_commit(buf, m),
+            Message::StreamAbort(m) => write_stream_abort(buf, m),
         }
     }
 
@@ -97,6 +118,11 @@ fn read_message<'a>(r: &mut Reader<'a>) -> Result<Message<'a>> {
         tag::DELETE => Message::Delete(read_delete(r)?),
         tag::TRUNCATE => Message::Truncate(read_truncate(r)?),
         tag::MESSAGE => Message::Logical(read_logical_message(r)?),
+        tag::STREAM_START => Message::StreamStart(read_stream_start(r)?),
+        tag::STREAM_STOP => Message::StreamStop,
+        tag::SUBXACT => Message::Subxact(read_subxact(r)?),
+        tag::STREAM_COMMIT => Message::StreamCommit(read_stream_commit(r)?),
+        tag::STREAM_ABORT => Message::StreamAbort(read_stream_abort(r)?),
         tag => return Err(DecodeError::UnknownTag { tag, offset }),
     };
     Ok(message)

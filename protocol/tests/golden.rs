@@ -1,5 +1,6 @@
-//! Golden bytes: these fixtures freeze protocol version 1. A change to the
-//! encoding of any message fails here; such a change needs a new protocol
+//! Golden bytes: these fixtures freeze protocol versions 1 and 2 (the
+//! streamed-transaction messages). A change to the encoding of any message
+//! fails here; such a change needs a new protocol
 //! version (see PROTOCOL.md), not an edit of these bytes.
 
 mod common;
@@ -48,6 +49,12 @@ const GOLDEN: &[(&str, &str)] = &[
     ("truncate", "54 01 03 01 02 ac02"),
     ("message", "4d 01 80eeac0b 03 626472 07 000168656c6c6f"),
     ("message_non_transactional", "4d 00 80f0ac0b 00 00"),
+    // Protocol version 2.
+    ("stream_start", "73 01 ee05"),
+    ("stream_stop", "65"),
+    ("subxact", "78 ef05"),
+    ("stream_commit", "63 00 ee05 c8eeac0b 60 0002ca7de4193000"),
+    ("stream_abort", "61 ee05 ef05"),
 ];
 
 fn fixture(name: &str) -> Vec<u8> {

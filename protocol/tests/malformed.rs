@@ -40,6 +40,11 @@ fn unknown_tags_are_rejected() {
         tag::DELETE,
         tag::TRUNCATE,
         tag::MESSAGE,
+        tag::STREAM_START,
+        tag::STREAM_STOP,
+        tag::SUBXACT,
+        tag::STREAM_COMMIT,
+        tag::STREAM_ABORT,
     ];
     for byte in 0..=u8::MAX {
         if !tags.contains(&byte) {
@@ -256,14 +261,14 @@ fn unsupported_versions_are_rejected() {
             what: "protocol",
             version: 0,
             min: 1,
-            max: 1,
+            max: 2,
             offset: 2
         })
     );
-    let err = decode(&unhex("53 01 02")).unwrap_err();
+    let err = decode(&unhex("53 01 03")).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "unsupported protocol version 2 at offset 2 (supported: 1..1)"
+        "unsupported protocol version 3 at offset 2 (supported: 1..2)"
     );
 }
 

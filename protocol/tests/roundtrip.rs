@@ -4,7 +4,8 @@
 use bdr_protocol::{
     Begin, Column, Commit, Datum, DatumFormats, Delete, Insert, LogicalMessage, MAX_LENGTH,
     Message, Messages, OldKind, OldTuple, Origin, QualifiedName, Relation, ReplicaIdentity,
-    Startup, Truncate, TupleWriter, Update, decode, write_insert_header, write_update_header,
+    Startup, StreamAbort, StreamCommit, StreamStart, Truncate, TupleWriter, Update, decode,
+    write_insert_header, write_update_header,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -159,6 +160,19 @@ fn message() -> impl Strategy<Value = Message<'static>> {
                     content
                 }
             )),
+        (any::<u32>(), any::<bool>())
+            .prop_map(|(xid, first)| Message::StreamStart(StreamStart { xid, first })),
+        Just(Message::StreamStop),
+        any::<u32>().prop_map(Message::Subxact),
+        (begin(), any::<u64>()).prop_map(|(b, end_lsn)| Message::StreamCommit(StreamCommit {
+            xid: b.xid,
+            commit_lsn: b.final_lsn,
+            end_lsn,
+            commit_time: b.commit_time,
+            origin: b.origin,
+        })),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(xid, subxid)| Message::StreamAbort(StreamAbort { xid, subxid })),
     ]
 }
 

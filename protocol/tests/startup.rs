@@ -41,9 +41,9 @@ fn pairs_look_like_plugin_options() {
     let text: Vec<String> = pairs.iter().map(|(n, v)| format!("{n} '{v}'")).collect();
     assert_eq!(
         text.join(", "),
-        "startup_version '1', min_proto_version '1', max_proto_version '1', node_id '42', \
+        "startup_version '1', min_proto_version '1', max_proto_version '2', node_id '42', \
          node_name 'node_b', pg_version_num '150004', datum_formats 'text,binary', \
-         forward_origins 'false'"
+         forward_origins 'false', streaming 'false'"
     );
 }
 
@@ -60,6 +60,29 @@ fn optional_options_have_defaults() {
     let options = StartupOptions::from_pairs(&pairs).unwrap();
     assert_eq!(options.datum_formats, DatumFormats::TEXT);
     assert!(!options.forward_origins);
+    assert!(!options.streaming);
+}
+
+#[test]
+fn streaming_needs_protocol_version_2() {
+    let mut streaming = options();
+    streaming.streaming = true;
+    assert_eq!(streaming.negotiate(150004).unwrap().proto_version, 2);
+    let pairs = streaming.to_pairs();
+    let borrowed: Vec<(&str, &str)> = pairs.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    assert_eq!(StartupOptions::from_pairs(&borrowed), Ok(streaming.clone()));
+
+    streaming.proto_versions = VersionRange { min: 1, max: 1 };
+    let err = streaming.negotiate(150004).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "startup option \"streaming\" needs protocol version 2, but version 1 was chosen"
+    );
+    let pairs = pairs_with("streaming", Some("yes"));
+    assert_eq!(
+        StartupOptions::from_pairs(&pairs).unwrap_err().to_string(),
+        "startup option \"streaming\" has invalid value \"yes\": expected true or false"
+    );
 }
 
 #[test]
@@ -154,7 +177,7 @@ fn negotiation_chooses_version_and_formats() {
     assert_eq!(
         options().negotiate(150010),
         Ok(Negotiated {
-            proto_version: 1,
+            proto_version: 2,
             datum_formats: DatumFormats::TEXT.union(DatumFormats::BINARY)
         })
     );
@@ -165,7 +188,7 @@ fn negotiation_chooses_version_and_formats() {
     );
 
     let mut future = options();
-    future.proto_versions = VersionRange { min: 2, max: 3 };
+    future.proto_versions = VersionRange { min: 3, max: 4 };
     let err = future.negotiate(150004).unwrap_err();
     assert_eq!(
         err,
@@ -176,6 +199,6 @@ fn negotiation_chooses_version_and_formats() {
     );
     assert_eq!(
         err.to_string(),
-        "client supports protocol versions 2..3 but server supports 1..1"
+        "client supports protocol versions 3..4 but server supports 1..2"
     );
 }

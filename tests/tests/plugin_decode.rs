@@ -6,6 +6,7 @@
 mod plugin_support;
 
 use bdr_protocol::{DatumFormats, Message, OldKind, ReplicaIdentity};
+use bdr_tests::Node;
 use plugin_support::*;
 
 fn slot(node: &bdr_tests::Node, name: &str) {
@@ -452,13 +453,21 @@ fn bad_startup_options_are_refused_clearly() {
     assert!(err.contains("\"node_name\" is missing"), "{err}");
 
     let future = with_option(
-        with_option(good.clone(), "min_proto_version", "2"),
+        with_option(good.clone(), "min_proto_version", "3"),
         "max_proto_version",
         "5",
     );
     let err = try_peek(&node, "s", &future).expect_err("version mismatch");
     assert!(
-        err.contains("client supports protocol versions 2..5 but server supports 1..1"),
+        err.contains("client supports protocol versions 3..5 but server supports 1..2"),
+        "{err}"
+    );
+
+    // Streaming needs protocol version 2, which this client does not read.
+    let streaming = with_option(good.clone(), "streaming", "true");
+    let err = try_peek(&node, "s", &streaming).expect_err("streaming without version 2");
+    assert!(
+        err.contains("\"streaming\" needs protocol version 2, but version 1 was chosen"),
         "{err}"
     );
 
@@ -505,4 +514,147 @@ fn the_extension_catalog_is_never_sent() {
         unreachable!()
     };
     assert_eq!(t.rel_ids, [r.rel_id]);
+}
+
+/// What a receiver keeps of a streamed transaction: the ids inserted, each
+/// with the (sub)transaction it belongs to.
+#[derive(Default)]
+struct Streamed {
+    rows: Vec<(u32, String)>,
+    /// Where each (sub)transaction's first change is in `rows`.
+    starts: Vec<(u32, usize)>,
+    blocks: usize,
+}
+
+#[test]
+fn large_transactions_stream_in_blocks_when_asked() {
+    let mut node = Node::init("streaming");
+    node.append_conf("logical_decoding_work_mem = '64kB'\n");
+    node.start();
+    node.safe_psql("CREATE EXTENSION bdr");
+    node.safe_psql("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    slot(&node, "s");
+    let rows = |from: i32, to: i32| {
+        format!("INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series({from}, {to}) g")
+    };
+    // Committed, with a subtransaction rolled back half-way.
+    node.safe_psql(&format!(
+        "BEGIN; {}; SAVEPOINT sp; {}; ROLLBACK TO SAVEPOINT sp; {}; COMMIT",
+        rows(1, 2000),
+        rows(10_001, 12_000),
+        rows(99_999, 99_999)
+    ));
+    // Rolled back as a whole.
+    node.safe_psql(&format!("BEGIN; {}; ROLLBACK", rows(20_001, 23_000)));
+    // Small: sent whole after its commit.
+    node.safe_psql(&rows(30_001, 30_001));
+
+    // Without the option, the same WAL comes as whole transactions only.
+    let plain = outline(&decode(&peek(&node, "s", &client_options(&node))));
+    assert!(plain.bytes().all(|b| b"SBRICM".contains(&b)), "{plain}");
+
+    let options = with_option(
+        with_option(client_options(&node), "max_proto_version", "2"),
+        "streaming",
+        "true",
+    );
+    let frames = peek(&node, "s", &options);
+    let messages = decode(&frames);
+    let Message::Startup(startup) = &messages[0] else {
+        panic!("no STARTUP first")
+    };
+    assert_eq!(startup.proto_version, 2);
+
+    let mut open: std::collections::HashMap<u32, Streamed> = Default::default();
+    let mut block: Option<(u32, u32)> = None;
+    let (mut committed, mut aborted, mut whole) = (Vec::new(), Vec::new(), Vec::new());
+    let mut first_blocks = 0;
+    let mut in_whole = false;
+    for m in &messages {
+        match m {
+            Message::StreamStart(s) => {
+                assert!(block.is_none(), "STREAM START inside a block");
+                assert_eq!(
+                    s.first,
+                    !open.contains_key(&s.xid),
+                    "first flag of {}",
+                    s.xid
+                );
+                first_blocks += usize::from(s.first);
+                open.entry(s.xid).or_default().blocks += 1;
+                block = Some((s.xid, s.xid));
+            }
+            Message::Subxact(xid) => {
+                let (top, _) = block.expect("SUBXACT outside a block");
+                block = Some((top, *xid));
+            }
+            Message::Insert(i) => {
+                let id = show(&i.new[0]);
+                match block {
+                    Some((top, sub)) => {
+                        let t = open.get_mut(&top).unwrap();
+                        if !t.starts.iter().any(|(x, _)| *x == sub) {
+                            t.starts.push((sub, t.rows.len()));
+                        }
+                        t.rows.push((sub, id));
+                    }
+                    None => {
+                        assert!(in_whole, "a change outside any transaction");
+                        whole.push(id);
+                    }
+                }
+            }
+            Message::StreamStop => {
+                assert!(block.take().is_some(), "STREAM STOP outside a block");
+            }
+            Message::StreamAbort(a) => {
+                assert!(block.is_none(), "STREAM ABORT inside a block");
+                if a.xid == a.subxid {
+                    let t = open
+                        .remove(&a.xid)
+                        .expect("abort of a streamed transaction");
+                    aborted.push(t.rows.len());
+                } else if let Some(t) = open.get_mut(&a.xid)
+                    && let Some(&(_, at)) = t.starts.iter().find(|(x, _)| *x == a.subxid)
+                {
+                    t.rows.truncate(at);
+                    t.starts.retain(|&(_, start)| start < at);
+                }
+            }
+            Message::StreamCommit(c) => {
+                assert!(block.is_none(), "STREAM COMMIT inside a block");
+                assert!(c.end_lsn > c.commit_lsn && c.origin.is_none());
+                let t = open
+                    .remove(&c.xid)
+                    .expect("commit of a streamed transaction");
+                assert!(
+                    t.blocks >= 2,
+                    "a transaction of 400 kB in {} block(s)",
+                    t.blocks
+                );
+                committed.extend(t.rows.into_iter().map(|(_, id)| id));
+            }
+            Message::Begin(_) => in_whole = true,
+            Message::Commit(_) => in_whole = false,
+            _ => {}
+        }
+    }
+    assert!(open.is_empty() && block.is_none());
+    assert_eq!(first_blocks, 2, "two transactions were streamed");
+    let expected: Vec<String> = (1..=2000).chain([99_999]).map(|i| i.to_string()).collect();
+    assert_eq!(
+        committed, expected,
+        "the committed rows, without the rolled back subtransaction"
+    );
+    assert_eq!(aborted.len(), 1);
+    assert!(
+        aborted[0] > 0,
+        "the aborted transaction was streamed before its abort"
+    );
+    assert_eq!(whole, ["30001"]);
+    let outline = outline(&messages);
+    assert!(
+        outline.contains('x'),
+        "SUBXACT marks the subtransaction: {outline}"
+    );
 }

@@ -727,6 +727,11 @@ impl Applier {
                 Ok(())
             }
             Message::Startup(_) => Err(ApplyError::UnexpectedStartup),
+            Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::Subxact(_)
+            | Message::StreamCommit(_)
+            | Message::StreamAbort(_) => Err(ApplyError::UnexpectedStreamed(msg.tag())),
         }
     }
 

@@ -126,6 +126,8 @@ pub(crate) enum ApplyError {
     NestedBegin(u32),
     #[error("unexpected STARTUP message in the middle of the stream")]
     UnexpectedStartup,
+    #[error("unexpected message of a streamed transaction (tag '{}') outside of one", *.0 as char)]
+    UnexpectedStreamed(u8),
     #[error(
         "conflict {} on relation {} and the table's conflict resolver is 'error': apply from this peer stops until an operator resolves it (change the local row, or the resolver with bdr.set_conflict_resolver); see bdr.conflict_history",
         .0.kind, .0.relation
@@ -550,7 +552,7 @@ impl Applier {
                         self.handle_message(m);
                         Ok(())
                     }
-                    (Ok(()), Message::Relation(_) | Message::Begin(_) | Message::Startup(_)) => {
+                    (Ok(()), _) => {
                         // Needs answers from the server (or is an error): after
                         // everything in flight is checked.
                         self.pipe.drain().await?;
@@ -821,6 +823,11 @@ impl Applier {
             Message::Truncate(m) => self.handle_truncate(m).await?,
             Message::Logical(m) => self.handle_message(m),
             Message::Startup(_) => return Err(ApplyError::UnexpectedStartup),
+            Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::Subxact(_)
+            | Message::StreamCommit(_)
+            | Message::StreamAbort(_) => return Err(ApplyError::UnexpectedStreamed(msg.tag())),
         }
         Ok(())
     }

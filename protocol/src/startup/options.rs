@@ -20,9 +20,10 @@ const NODE_NAME: &str = "node_name";
 const PG_VERSION_NUM: &str = "pg_version_num";
 const DATUM_FORMATS: &str = "datum_formats";
 const FORWARD_ORIGINS: &str = "forward_origins";
+const STREAMING: &str = "streaming";
 
 /// Every option name, in the order [`StartupOptions::to_pairs`] emits them.
-pub const OPTION_NAMES: [&str; 8] = [
+pub const OPTION_NAMES: [&str; 9] = [
     STARTUP_VERSION_OPT,
     MIN_PROTO_VERSION,
     MAX_PROTO_VERSION,
@@ -31,6 +32,7 @@ pub const OPTION_NAMES: [&str; 8] = [
     PG_VERSION_NUM,
     DATUM_FORMATS,
     FORWARD_ORIGINS,
+    STREAMING,
 ];
 
 /// Why a client's options were refused.
@@ -54,6 +56,11 @@ pub enum StartupError {
 
     #[error("client uses startup version {client} but server supports {server}")]
     UnsupportedStartupVersion { client: u32, server: VersionRange },
+
+    #[error(
+        "startup option \"streaming\" needs protocol version 2, but version {chosen} was chosen"
+    )]
+    StreamingNeedsVersion2 { chosen: u32 },
 
     #[error("client supports protocol versions {client} but server supports {server}")]
     VersionMismatch {
@@ -85,6 +92,10 @@ pub struct StartupOptions {
     /// made and this node applied; `false` (default) for only the changes
     /// made on this node.
     pub forward_origins: bool,
+    /// `streaming`: `true` to receive large transactions in blocks while
+    /// they are in progress (STREAM START ... STREAM COMMIT, protocol
+    /// version 2) instead of whole after their commit; `false` (default).
+    pub streaming: bool,
 }
 
 /// The outcome of a successful negotiation.
@@ -108,6 +119,7 @@ impl StartupOptions {
             pg_version_num,
             datum_formats: DatumFormats::TEXT.union(DatumFormats::BINARY),
             forward_origins: false,
+            streaming: false,
         }
     }
 
@@ -122,6 +134,7 @@ impl StartupOptions {
             (PG_VERSION_NUM, self.pg_version_num.to_string()),
             (DATUM_FORMATS, self.datum_formats.to_string()),
             (FORWARD_ORIGINS, self.forward_origins.to_string()),
+            (STREAMING, self.streaming.to_string()),
         ]
     }
 
@@ -155,6 +168,7 @@ impl StartupOptions {
             pg_version,
             formats,
             forward,
+            streaming,
         ] = values;
         let startup_version =
             parse_u32(STARTUP_VERSION_OPT, required(STARTUP_VERSION_OPT, startup)?)?;
@@ -178,7 +192,8 @@ impl StartupOptions {
             node_name: parse_name(required(NODE_NAME, node_name)?)?,
             pg_version_num: parse_u32(PG_VERSION_NUM, required(PG_VERSION_NUM, pg_version)?)?,
             datum_formats: formats.map_or(Ok(DatumFormats::TEXT), parse_formats)?,
-            forward_origins: forward.map_or(Ok(false), parse_bool)?,
+            forward_origins: forward.map_or(Ok(false), |v| parse_bool(FORWARD_ORIGINS, v))?,
+            streaming: streaming.map_or(Ok(false), |v| parse_bool(STREAMING, v))?,
         })
     }
 
@@ -197,6 +212,11 @@ impl StartupOptions {
             });
         }
         let proto_version = negotiate_version(self.proto_versions, PROTOCOL_VERSIONS)?;
+        if self.streaming && proto_version < 2 {
+            return Err(StartupError::StreamingNeedsVersion2 {
+                chosen: proto_version,
+            });
+        }
         let same_major = pg_major(self.pg_version_num) == pg_major(server_pg_version_num);
         let datum_formats = if same_major && self.datum_formats.contains(DatumFormats::BINARY) {
             DatumFormats::TEXT.union(DatumFormats::BINARY)
@@ -240,11 +260,11 @@ fn parse_name(value: &str) -> Result<String, StartupError> {
     Ok(value.to_owned())
 }
 
-fn parse_bool(value: &str) -> Result<bool, StartupError> {
+fn parse_bool(name: &'static str, value: &str) -> Result<bool, StartupError> {
     match value {
         "true" => Ok(true),
         "false" => Ok(false),
-        _ => Err(malformed(FORWARD_ORIGINS, value, "true or false")),
+        _ => Err(malformed(name, value, "true or false")),
     }
 }
 

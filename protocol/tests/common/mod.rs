@@ -4,7 +4,8 @@
 
 use bdr_protocol::{
     Begin, Column, Commit, Datum, DatumFormats, Delete, Insert, LogicalMessage, Message, OldKind,
-    OldTuple, Origin, QualifiedName, Relation, ReplicaIdentity, Startup, Truncate, Update,
+    OldTuple, Origin, QualifiedName, Relation, ReplicaIdentity, Startup, StreamAbort, StreamCommit,
+    StreamStart, Truncate, Update,
 };
 
 /// 2024-11-15 12:00:00 UTC as a PostgreSQL timestamp.
@@ -206,6 +207,33 @@ pub fn golden_messages() -> Vec<(&'static str, Message<'static>)> {
                 lsn: 0x16B_3800,
                 prefix: "",
                 content: b"",
+            }),
+        ),
+        // Protocol version 2.
+        (
+            "stream_start",
+            Message::StreamStart(StreamStart {
+                xid: 750,
+                first: true,
+            }),
+        ),
+        ("stream_stop", Message::StreamStop),
+        ("subxact", Message::Subxact(751)),
+        (
+            "stream_commit",
+            Message::StreamCommit(StreamCommit {
+                xid: 750,
+                commit_lsn: 0x16B_3748,
+                end_lsn: 0x16B_3778,
+                commit_time: 0x0002_ca7d_e419_3000,
+                origin: None,
+            }),
+        ),
+        (
+            "stream_abort",
+            Message::StreamAbort(StreamAbort {
+                xid: 750,
+                subxid: 751,
             }),
         ),
     ]

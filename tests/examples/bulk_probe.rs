@@ -1,0 +1,101 @@
+//! Where the time of one large transaction goes on its way to a peer: the
+//! origin's decoding alone, the receiver's catch-up, and the server's own
+//! bulk paths for the same rows. A measurement, not a test; run it with
+//!
+//! ```sh
+//! cargo build --release -p bdr-applier
+//! BDR_APPLIER_BIN=target/release/bdr-applier \
+//!     cargo run --release -p bdr-tests --example bulk_probe
+//! ```
+//!
+//! `ROWS` sets the transaction's size (default 1,000,000), `RUNS` the
+//! number of rounds (default 3).
+
+use std::time::Instant;
+
+use bdr_tests::Mesh;
+
+const SCHEMA: &str = "CREATE TABLE bench_bulk (id int PRIMARY KEY, a int, b text, c timestamptz, d numeric, e float8)";
+
+const PEEK: &str = "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('probe', NULL, NULL, \
+    'startup_version', '1', 'min_proto_version', '1', 'max_proto_version', '1', 'node_id', '1', \
+    'node_name', 'probe', 'pg_version_num', '150020', 'datum_formats', 'text,binary', \
+    'forward_origins', 'false')";
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let rows = env("ROWS", 1_000_000);
+    let runs = env("RUNS", 3);
+    let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
+    for n in ["a", "b"] {
+        mesh.node_mut(n).append_conf(
+            "shared_buffers = 256MB\nlogical_decoding_work_mem = 64MB\n\
+             max_wal_size = 4GB\nautovacuum = off\n",
+        );
+        mesh.node_mut(n).restart();
+    }
+    mesh.wait_for_streaming();
+    mesh.node("b").safe_psql("CREATE DATABASE probe");
+    let dump = std::env::temp_dir().join(format!("bulk_probe_{}.copy", std::process::id()));
+    let insert = "INSERT INTO bench_bulk SELECT g, g % 1000, md5(g::text), now(), g * 1.5, g / 7.0 \
+                  FROM generate_series";
+    for run in 0..runs {
+        mesh.node("a").safe_psql("TRUNCATE bench_bulk");
+        mesh.wait_for_catchup();
+        for n in ["a", "b"] {
+            mesh.node(n).safe_psql("VACUUM ANALYZE");
+            mesh.node(n).safe_psql("CHECKPOINT");
+        }
+        mesh.applier("b").stop();
+        let a = mesh.node("a");
+        a.safe_psql("SELECT pg_create_logical_replication_slot('probe', 'bdr')");
+        let t = Instant::now();
+        a.safe_psql(&format!("{insert}(1, {rows}) g"));
+        let write = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        a.safe_psql(PEEK);
+        let decode = t.elapsed().as_secs_f64();
+        a.safe_psql("SELECT pg_drop_replication_slot('probe')");
+        let t = Instant::now();
+        mesh.applier("b").restart();
+        mesh.wait_for_catchup_from("a");
+        let apply = t.elapsed().as_secs_f64();
+
+        // The server's own bulk paths for the same rows, on b, in a
+        // database of its own that nothing replicates.
+        let b = mesh.node("b");
+        b.safe_psql(&format!("COPY bench_bulk TO '{}'", dump.display()));
+        let mut c = postgres::Client::connect(&b.connstr_db("probe"), postgres::NoTls).unwrap();
+        c.batch_execute(&format!(
+            "DROP TABLE IF EXISTS probe_ins; DROP TABLE IF EXISTS probe_src; {}; \
+             CREATE TABLE probe_src AS SELECT * FROM probe_ins",
+            SCHEMA.replace("bench_bulk", "probe_ins")
+        ))
+        .unwrap();
+        let t = Instant::now();
+        c.batch_execute(&format!("COPY probe_ins FROM '{}'", dump.display()))
+            .unwrap();
+        let copy = t.elapsed().as_secs_f64();
+        c.batch_execute("INSERT INTO probe_src SELECT * FROM probe_ins; TRUNCATE probe_ins")
+            .unwrap();
+        c.batch_execute("VACUUM ANALYZE").unwrap();
+        c.batch_execute("CHECKPOINT").unwrap();
+        let t = Instant::now();
+        c.batch_execute("INSERT INTO probe_ins SELECT * FROM probe_src")
+            .unwrap();
+        let ins = t.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&dump);
+        eprintln!(
+            "run {run}: origin insert {write:.2} s, bdr decode (peek) {decode:.2} s, \
+             b catch-up {apply:.2} s = {:.0} rows/s; on b alone: COPY FROM {copy:.2} s, \
+             INSERT ... SELECT {ins:.2} s",
+            rows as f64 / apply
+        );
+    }
+}
