@@ -184,6 +184,13 @@ fn batching_enabled() -> bool {
     std::env::var("BDR_APPLY_BATCH").map_or(true, |v| v != "off")
 }
 
+/// Whether the peer streams large transactions while they are in
+/// progress (see `apply/streamed.rs`): unless `BDR_STREAMING=off`, which
+/// the benchmark sets to measure what it buys.
+fn streaming_enabled() -> bool {
+    std::env::var("BDR_STREAMING").map_or(true, |v| v != "off")
+}
+
 async fn connect_local(local: &LocalNode) -> Result<tokio_postgres::Client, SessionError> {
     let (client, conn) = local.config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
@@ -230,6 +237,7 @@ async fn session(
     }
     let mut options = StartupOptions::new(local.node_id, local.name.clone(), local.pg_version_num);
     options.datum_formats = DatumFormats::TEXT.union(DatumFormats::BINARY);
+    options.streaming = streaming_enabled();
     let pairs = options.to_pairs();
     let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let stream = repl.start_replication(&slot, start, &pairs).await?;

@@ -23,6 +23,12 @@ pub fn run(
     sizes: &Sizes,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    if system == System::BdrNoStream {
+        // Streaming only changes how a transaction past the sender's
+        // logical_decoding_work_mem travels.
+        pair.pause_as(system)?;
+        return one_big_transaction(pair, system, sizes, report);
+    }
     pair.pause_as(system)?;
     small_transactions(pair, system, sizes, report)?;
     pair.pause_as(system)?;

@@ -31,7 +31,10 @@ pub fn run(pairs: &mut [Pair], sizes: &Sizes, report: &mut Report) -> anyhow::Re
         .filter(|(_, s)| {
             !matches!(
                 s,
-                System::BdrPlain | System::BdrPipelined | System::BdrStatements
+                System::BdrPlain
+                    | System::BdrPipelined
+                    | System::BdrStatements
+                    | System::BdrNoStream
             )
         })
         .collect();

@@ -199,11 +199,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Which pair stands for which system: the built-in pair twice, with
-/// the subscription in text and in binary mode; the bdr pair five times:
+/// the subscription in text and in binary mode; the bdr pair six times:
 /// as it runs, applying one statement at a time, pipelined without
 /// batches, without conflict detection, and batching statements without
 /// the server's apply function (the last three for catch-up only: they
-/// are for comparison).
+/// are for comparison), and asking for whole transactions only (for the
+/// one large transaction only).
 fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
     let mut out = Vec::new();
     for (i, pair) in pairs.iter().enumerate() {
@@ -214,6 +215,7 @@ fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
                 out.push((i, System::BdrPipelined));
                 out.push((i, System::BdrPlain));
                 out.push((i, System::BdrStatements));
+                out.push((i, System::BdrNoStream));
             }
             Kind::Builtin => {
                 out.push((i, System::Builtin));

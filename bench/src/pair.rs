@@ -330,6 +330,7 @@ impl Pair {
                     System::BdrPipelined => &[("BDR_APPLY_BATCH", "off")],
                     System::BdrPlain => &[("BDR_APPLY_DETECT_CONFLICTS", "off")],
                     System::BdrStatements => &[("BDR_APPLY_IN_SERVER", "off")],
+                    System::BdrNoStream => &[("BDR_STREAMING", "off")],
                     _ => &[],
                 }
             }

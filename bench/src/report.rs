@@ -26,6 +26,9 @@ pub enum System {
     /// bdr batching statements, without the server applying row changes
     /// itself (`BDR_APPLY_IN_SERVER=off`): what `bdr.apply_changes` buys.
     BdrStatements,
+    /// bdr asking for whole transactions only (`BDR_STREAMING=off`), for
+    /// the one large transaction (2a): what streaming buys.
+    BdrNoStream,
     Builtin,
     BuiltinBinary,
     Pglogical,
@@ -33,12 +36,13 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 9] = [
+    pub const ALL: [System; 10] = [
         System::Bdr,
         System::BdrSerial,
         System::BdrPipelined,
         System::BdrPlain,
         System::BdrStatements,
+        System::BdrNoStream,
         System::Builtin,
         System::BuiltinBinary,
         System::Pglogical,
@@ -53,6 +57,7 @@ impl System {
             System::BdrPipelined => "bdr_no_batch",
             System::BdrPlain => "bdr_no_detection",
             System::BdrStatements => "bdr_statements",
+            System::BdrNoStream => "bdr_no_stream",
             System::Builtin => "builtin",
             System::BuiltinBinary => "builtin_binary",
             System::Pglogical => "pglogical",
@@ -67,6 +72,7 @@ impl System {
             System::BdrPipelined => "bdr no batch",
             System::BdrPlain => "bdr no detect",
             System::BdrStatements => "bdr stmts",
+            System::BdrNoStream => "bdr no stream",
             System::Builtin => "built-in",
             System::BuiltinBinary => "built-in bin",
             System::Pglogical => "pglogical",

@@ -991,22 +991,10 @@ impl Applier {
     /// are applied there (one statement at a time when `serial`, to bring
     /// an error back with its context).
     async fn hand_over(&mut self, serial: bool) -> Result<(), ApplyError> {
-        loop {
-            let Some(b) = self.batch.as_mut() else {
-                return Ok(());
-            };
-            if !b.on_wire {
-                // A batch failed, and applying its transactions again
-                // handed this one over already.
-                return Ok(());
-            }
-            if b.in_flight > 0 {
-                self.settle_batch_one().await?;
-            } else if b.ready_to_send() {
-                b.send().await?;
-            } else {
-                break;
-            }
+        if !self.settle_batches().await? {
+            // A batch failed, and applying its transactions again handed
+            // this one over already.
+            return Ok(());
         }
         let b = self.batch.as_mut().expect("batched");
         let Some(open) = b.kept.pop_back() else {
@@ -1022,6 +1010,36 @@ impl Applier {
         self.txn = None;
         self.origin_to_other().await?;
         self.replay_messages(&open.messages, serial).await
+    }
+
+    /// Sends and settles every complete transaction of the batched
+    /// session; whether the replication origin is still bound there (not
+    /// when there is no such session, or a failure moved it).
+    async fn settle_batches(&mut self) -> Result<bool, ApplyError> {
+        loop {
+            let Some(b) = self.batch.as_mut() else {
+                return Ok(false);
+            };
+            if !b.on_wire {
+                return Ok(false);
+            }
+            if b.in_flight > 0 {
+                self.settle_batch_one().await?;
+            } else if b.ready_to_send() {
+                b.send().await?;
+            } else {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Moves the replication origin to the other session once nothing is
+    /// in flight on the batched one (the other session applies next).
+    pub(super) async fn leave_wire(&mut self) -> Result<(), ApplyError> {
+        if self.settle_batches().await? {
+            self.origin_to_other().await?;
+        }
+        Ok(())
     }
 
     /// Applies `messages` on the other session: one statement at a time

@@ -53,6 +53,10 @@
 //! failed one (with everything after it) is applied again on this session
 //! as above; see [`batch`].
 //!
+//! Streamed (large, in-progress) transactions are spooled, and applied
+//! as they arrive when nothing comes between their blocks; see
+//! [`streamed`].
+//!
 //! One handler per message kind, dispatched from one `match`, like
 //! PostgreSQL's apply worker.
 
@@ -64,6 +68,7 @@ mod record;
 mod relation;
 mod resolve;
 pub(crate) mod sql;
+mod streamed;
 mod wire;
 
 use std::collections::HashMap;
@@ -128,6 +133,10 @@ pub(crate) enum ApplyError {
     UnexpectedStartup,
     #[error("unexpected message of a streamed transaction (tag '{}') outside of one", *.0 as char)]
     UnexpectedStreamed(u8),
+    #[error("streamed transaction {xid}: {what}")]
+    StreamedOutOfOrder { xid: u32, what: &'static str },
+    #[error("spool file of a streamed transaction: {0}")]
+    Spool(std::io::Error),
     #[error(
         "conflict {} on relation {} and the table's conflict resolver is 'error': apply from this peer stops until an operator resolves it (change the local row, or the resolver with bdr.set_conflict_resolver); see bdr.conflict_history",
         .0.kind, .0.relation
@@ -236,6 +245,8 @@ pub(crate) struct Applier {
     /// The local replication origin id of each origin node met so far:
     /// rows written by that node's transactions carry it.
     origin_ids: HashMap<NodeId, u32>,
+    /// Transactions the peer streams while they are in progress.
+    streams: streamed::Streams,
 }
 
 /// Records the remote end LSN and commit time in the session's
@@ -325,6 +336,7 @@ impl Applier {
             txn: None,
             ends,
             origin_ids,
+            streams: streamed::Streams::default(),
         };
         if applier.batch.is_some() {
             applier.origin_to_wire().await?;
@@ -363,6 +375,7 @@ impl Applier {
     pub(crate) async fn reset(&mut self) -> Result<(), ApplyError> {
         self.finish_batch().await;
         self.relations.clear();
+        self.forget_streams();
         self.forget_held();
         let drained = self.pipe.drain().await;
         self.pipe.clear();
@@ -461,6 +474,19 @@ impl Applier {
     /// conflict that stops apply rolls the transaction back and is
     /// recorded on its own.
     pub(crate) async fn handle(
+        &mut self,
+        frame: &Bytes,
+        raw: Bytes,
+        msg: &Message<'_>,
+    ) -> Result<(), ApplyError> {
+        if self.streamed(frame, &raw, msg).await? {
+            return Ok(());
+        }
+        self.apply(frame, raw, msg).await
+    }
+
+    /// Applies one message of a whole transaction (or between them).
+    async fn apply(
         &mut self,
         frame: &Bytes,
         raw: Bytes,
@@ -669,6 +695,11 @@ impl Applier {
     /// Rolls back to the restart point and applies the messages kept
     /// since then one statement at a time.
     async fn replay(&mut self) -> Result<(), ApplyError> {
+        if self.applying_direct() {
+            // A streamed transaction is applied whole at its commit
+            // instead (see [`streamed`]).
+            return self.abandon_direct().await;
+        }
         // Its rows are among the kept messages.
         self.forget_held();
         self.pipe.drain().await?;
