@@ -9,7 +9,10 @@
 //! ```
 //!
 //! `ROWS` sets the transaction's size (default 1,000,000), `RUNS` the
-//! number of rounds (default 3).
+//! number of rounds (default 3); `BDR_STREAMING=off` (inherited by the
+//! appliers) for whole transactions only, and
+//! `BDR_TEST_APPLIER_LOG=info,bdr_applier::apply::streamed=debug` to see
+//! whether b applied a streamed transaction as it arrived.
 
 use std::time::Instant;
 
@@ -21,6 +24,27 @@ const PEEK: &str = "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('pr
     'startup_version', '1', 'min_proto_version', '1', 'max_proto_version', '1', 'node_id', '1', \
     'node_name', 'probe', 'pg_version_num', '150020', 'datum_formats', 'text,binary', \
     'forward_origins', 'false')";
+
+/// The pids a query on `node` returns.
+fn pids(node: &bdr_tests::Node, sql: &str) -> Vec<i32> {
+    node.safe_psql(sql)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// utime + stime of process `pid`, in seconds.
+fn cpu_seconds(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+    ticks / 100.0
+}
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -66,6 +90,42 @@ fn main() {
         mesh.applier("b").restart();
         mesh.wait_for_catchup_from("a");
         let apply = t.elapsed().as_secs_f64();
+        // CPU of the processes that carried it, all started with the
+        // applier's restart: a's walsender, b's applier and its sessions.
+        let walsender = pids(
+            mesh.node("a"),
+            "SELECT pid FROM pg_stat_replication WHERE application_name = 'b'",
+        );
+        let sessions = pids(
+            mesh.node("b"),
+            "SELECT pid FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        );
+        let applier = mesh
+            .applier("b")
+            .pid()
+            .map_or(0.0, |p| cpu_seconds(p as i32));
+        eprintln!(
+            "run {run}: CPU s: a's walsender {:.2}, b's applier {applier:.2}, its sessions {:.2}",
+            walsender.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+            sessions.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+        );
+        // How a's walsender for b sent it: streamed in blocks, or spilled
+        // to disk and sent after its commit.
+        let slots = mesh.node("a").safe_psql(
+            "SELECT sum(stream_txns) || ' streamed in ' || sum(stream_count) || ' blocks, ' \
+                    || sum(spill_txns) || ' spilled (' || pg_size_pretty(sum(spill_bytes)) || ')' \
+               FROM pg_stat_replication_slots WHERE slot_name LIKE 'bdr_%'",
+        );
+        mesh.node("a")
+            .safe_psql("SELECT pg_stat_reset_replication_slot(NULL)");
+        let log = mesh.applier("b").log();
+        let how = if log.matches("committed as it arrived").count() > run as usize {
+            ", applied as it arrived"
+        } else {
+            ""
+        };
+        eprintln!("run {run}: a's walsender: {slots}{how}");
 
         // The server's own bulk paths for the same rows, on b, in a
         // database of its own that nothing replicates.

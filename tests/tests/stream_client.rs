@@ -463,3 +463,86 @@ async fn other_authentication_methods_and_unix_socket() {
         .await
         .expect("IDENTIFY_SYSTEM over the socket");
 }
+
+/// The stream read by a task of its own (as the applier reads it): events
+/// in order, status updates confirm, stop ends the stream and frees the
+/// slot.
+#[tokio::test]
+async fn read_ahead_keeps_order_confirms_and_stops() {
+    init_tracing();
+    let cluster = Cluster::start(&scram_hba());
+    let admin = cluster.sql().await;
+    let conninfo = cluster.conninfo("postgres", SUPERUSER_PASSWORD);
+    let mut client = ReplicationClient::connect(&conninfo)
+        .await
+        .expect("connection");
+    client
+        .create_replication_slot(SLOT, "test_decoding", SlotSnapshot::Nothing)
+        .await
+        .expect("create slot");
+    admin
+        .batch_execute(
+            "create table t (id int primary key, v text);
+             insert into t select g, repeat('x', 100) from generate_series(1, 2000) g",
+        )
+        .await
+        .expect("rows");
+    for i in 0..50 {
+        admin
+            .batch_execute(&format!("insert into t values ({}, 'small')", 10_000 + i))
+            .await
+            .expect("small transaction");
+    }
+    let mut stream = stream::ReadAhead::spawn(
+        client
+            .start_replication(SLOT, Lsn::INVALID, OPTIONS)
+            .await
+            .expect("START_REPLICATION"),
+    );
+    let (mut ids, mut commits) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + WAIT;
+    while commits.len() < 51 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, stream.next_event())
+            .await
+            .expect("transactions arrive in time")
+            .expect("stream works")
+            .expect("stream is open");
+        if let ReplicationEvent::XLogData {
+            wal_start, data, ..
+        } = event
+        {
+            let text = String::from_utf8(data.to_vec()).expect("text");
+            if text.starts_with("COMMIT") {
+                commits.push(wal_start);
+            } else if let Some(rest) = text.strip_prefix("table public.t: INSERT: id[integer]:") {
+                ids.push(rest.split(' ').next().unwrap().parse::<i32>().unwrap());
+            }
+        }
+    }
+    let expected: Vec<i32> = (1..=2000).chain(10_000..10_050).collect();
+    assert_eq!(ids, expected, "every change once, in order");
+    assert!(commits.windows(2).all(|w| w[0] < w[1]));
+    let last = *commits.last().unwrap();
+    stream
+        .send_status_update(last, last, last, false)
+        .await
+        .expect("status update");
+    wait_for(
+        &admin,
+        "select confirmed_flush_lsn::text from pg_replication_slots",
+        &last.to_string(),
+    )
+    .await;
+    stream.stop().await.expect("clean stop");
+    wait_for(
+        &admin,
+        "select active::text from pg_replication_slots",
+        "false",
+    )
+    .await;
+    admin
+        .batch_execute(&format!("select pg_drop_replication_slot('{SLOT}')"))
+        .await
+        .expect("the slot is free to drop");
+}
