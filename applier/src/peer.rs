@@ -37,7 +37,8 @@ use crate::apply::{Applier, ApplyError, Endpoints, TxnSummary};
 use crate::catalog::{LocalNode, Peer};
 use crate::origin;
 use crate::stream::{
-    CreateSlot, Lsn, ReadAhead, ReplicationClient, ReplicationEvent, SlotSnapshot, StreamError,
+    CreateSlot, Lsn, ReplicationClient, ReplicationEvent, ReplicationStream, SlotSnapshot,
+    StreamError,
 };
 
 /// Status updates go out at least this often while streaming (keep it well
@@ -239,7 +240,7 @@ async fn session(
     options.streaming = streaming_enabled();
     let pairs = options.to_pairs();
     let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let stream = ReadAhead::spawn(repl.start_replication(&slot, start, &pairs).await?);
+    let stream = repl.start_replication(&slot, start, &pairs).await?;
     info!(peer = %peer.name, lsn = %start, "streaming from peer");
     let ends = Endpoints {
         local: local.node_id,
@@ -297,7 +298,7 @@ async fn answer_of(flushing: &mut Option<Flushing>) -> Result<u64, tokio_postgre
 
 /// A streaming session's state.
 struct Session {
-    stream: ReadAhead,
+    stream: ReplicationStream,
     applier: Applier,
     peer_id: NodeId,
     /// The end LSN of the last remote transaction committed here.

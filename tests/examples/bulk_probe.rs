@@ -9,7 +9,8 @@
 //! ```
 //!
 //! `ROWS` sets the transaction's size (default 1,000,000), `RUNS` the
-//! number of rounds (default 3); `BDR_STREAMING=off` (inherited by the
+//! number of rounds (default 3), `SMALL=1` writes that many single-row
+//! transactions instead; `BDR_STREAMING=off` (inherited by the
 //! appliers) for whole transactions only, and
 //! `BDR_TEST_APPLIER_LOG=info,bdr_applier::apply::streamed=debug` to see
 //! whether b applied a streamed transaction as it arrived.
@@ -56,6 +57,7 @@ fn env(name: &str, default: u64) -> u64 {
 fn main() {
     let rows = env("ROWS", 1_000_000);
     let runs = env("RUNS", 3);
+    let small = env("SMALL", 0) != 0;
     let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
     for n in ["a", "b"] {
         mesh.node_mut(n).append_conf(
@@ -80,7 +82,16 @@ fn main() {
         let a = mesh.node("a");
         a.safe_psql("SELECT pg_create_logical_replication_slot('probe', 'bdr')");
         let t = Instant::now();
-        a.safe_psql(&format!("{insert}(1, {rows}) g"));
+        if small {
+            // As many single-row transactions instead.
+            a.safe_psql(&format!(
+                "DO $$ BEGIN FOR i IN 1..{rows} LOOP
+                     {insert}(i, i) g; COMMIT;
+                 END LOOP; END $$"
+            ));
+        } else {
+            a.safe_psql(&format!("{insert}(1, {rows}) g"));
+        }
         let write = t.elapsed().as_secs_f64();
         let t = Instant::now();
         a.safe_psql(PEEK);

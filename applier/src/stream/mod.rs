@@ -17,7 +17,6 @@
 //!  start_replication          ── Query(START_REPLICATION SLOT s LOGICAL X/Y (opts)) ──▶
 //!                             ◀── CopyBothResponse
 //!  ReplicationStream          ◀── CopyData(XLogData 'w' | keepalive 'k') ...
-//!    (ReadAhead: the same, read by a task of its own ahead of apply)
 //!    next_event / send_status_update ── CopyData(status update 'r') ──▶
 //!  stop                       ── CopyDone ──▶  ◀── CopyData* (discarded), CopyDone
 //!                             ◀── CommandComplete, ReadyForQuery  (idle client again,
@@ -33,7 +32,6 @@
 //! (protocol-replication.html) and "Message Formats"
 //! (protocol-message-formats.html) in the PostgreSQL 15 documentation.
 
-mod ahead;
 mod conn;
 mod error;
 mod lsn;
@@ -41,7 +39,6 @@ mod message;
 mod replication;
 pub(crate) mod transport;
 
-pub use ahead::{READ_AHEAD_BYTES, ReadAhead};
 pub(crate) use conn::db_error as db_error_of;
 pub use conn::{CreateSlot, ReplicationClient, SlotInfo, SlotSnapshot, SystemIdentity};
 pub use error::{DbError, SQLSTATE_DUPLICATE_OBJECT, SQLSTATE_UNDEFINED_OBJECT, StreamError};

@@ -199,14 +199,8 @@ impl ReplicationStream {
     /// the connection, idle and ready for another command (not another
     /// `START_REPLICATION`, see the module documentation).
     pub async fn stop(mut self) -> Result<ReplicationClient, StreamError> {
-        self.stop_in_place().await?;
-        Ok(self.client)
-    }
-
-    /// [`Self::stop`], keeping the stream (ended) in place.
-    pub(crate) async fn stop_in_place(&mut self) -> Result<(), StreamError> {
         match self.state {
-            State::Ended => return Ok(()),
+            State::Ended => return Ok(self.client),
             State::Failed => {
                 return Err(StreamError::protocol("replication stream already failed"));
             }
@@ -223,9 +217,8 @@ impl ReplicationStream {
             }
         }
         self.finish_command().await?;
-        self.state = State::Ended;
         info!(peer = %self.client.peer(), slot = %self.slot, discarded, "streaming stopped");
-        Ok(())
+        Ok(self.client)
     }
 
     async fn send_copy_done(&mut self) -> Result<(), StreamError> {
