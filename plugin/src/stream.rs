@@ -234,20 +234,15 @@ impl Stream {
         // SAFETY: per the caller.
         unsafe { self.ensure_startup(ctx) };
         // SAFETY: txn is the transaction being decoded.
-        let (xid, final_lsn, commit_time, origin_id, origin_lsn) = unsafe {
+        let (xid, final_lsn, commit_time, origin) = unsafe {
             let t = &*txn;
             (
                 t.xid,
                 t.final_lsn,
                 t.xact_time.commit_time,
-                t.origin_id,
-                t.origin_lsn,
+                self.txn_origin(txn),
             )
         };
-        let origin = (origin_id != pg_sys::InvalidRepOriginId as u16).then(|| Origin {
-            node_id: self.origin_node_id(origin_id),
-            lsn: origin_lsn,
-        });
         let begin = Begin {
             xid: xid.into(),
             final_lsn,
@@ -258,6 +253,20 @@ impl Stream {
         // SAFETY: per the caller.
         unsafe { self.end_message(ctx) };
         self.begin_sent = true;
+    }
+
+    /// Where committed transaction `txn` came from, unless it was made on
+    /// this node.
+    ///
+    /// # Safety
+    /// `txn` is a live transaction of the reorder buffer.
+    unsafe fn txn_origin(&mut self, txn: *mut pg_sys::ReorderBufferTXN) -> Option<Origin> {
+        // SAFETY: per the contract.
+        let (origin_id, lsn) = unsafe { ((*txn).origin_id, (*txn).origin_lsn) };
+        (origin_id != pg_sys::InvalidRepOriginId as u16).then(|| Origin {
+            node_id: self.origin_node_id(origin_id),
+            lsn,
+        })
     }
 
     /// The node id of replication origin `origin_id` (see
@@ -376,21 +385,16 @@ impl Stream {
             self.ensure_startup(ctx);
         }
         // SAFETY: txn is the committing transaction.
-        let (xid, commit_lsn, end_lsn, commit_time, origin_id, origin_lsn) = unsafe {
+        let (xid, commit_lsn, end_lsn, commit_time, origin) = unsafe {
             let t = &*txn;
             (
                 t.xid,
                 t.final_lsn,
                 t.end_lsn,
                 t.xact_time.commit_time,
-                t.origin_id,
-                t.origin_lsn,
+                self.txn_origin(txn),
             )
         };
-        let origin = (origin_id != pg_sys::InvalidRepOriginId as u16).then(|| Origin {
-            node_id: self.origin_node_id(origin_id),
-            lsn: origin_lsn,
-        });
         let commit = StreamCommit {
             xid: xid.into(),
             commit_lsn,
