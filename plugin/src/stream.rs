@@ -195,6 +195,11 @@ impl Stream {
             pg_sys::OutputPluginWrite(ctx, true);
         }
         self.buf.clear();
+        // What a change half-way written still has in the buffer starts
+        // at its beginning now.
+        if self.change_start.is_some() {
+            self.change_start = Some(0);
+        }
         if self.buf.capacity() > MAX_KEPT_BUFFER {
             self.buf.shrink_to(MAX_KEPT_BUFFER / 16);
         }
