@@ -89,7 +89,8 @@ impl Spool {
     }
 
     fn append(&mut self, raw: &[u8]) -> std::io::Result<()> {
-        // A message is at most bdr_protocol::MAX_LENGTH bytes and more.
+        // A message is little more than bdr_protocol::MAX_LENGTH (1 GiB)
+        // at most, well within 32 bits.
         let len = u32::try_from(raw.len()).map_err(std::io::Error::other)?;
         self.file.write_all(&len.to_le_bytes())?;
         self.file.write_all(raw)?;
