@@ -20,7 +20,7 @@
 use bytes::BufMut;
 
 use crate::reader::{Reader, Result};
-use crate::txn::Origin;
+use crate::txn::{Origin, put_origin, read_origin};
 use crate::varint::{put_ivarint, put_uvarint};
 use crate::{Lsn, Timestamp, Xid, tag};
 
@@ -106,10 +106,7 @@ pub fn write_stream_commit<B: BufMut + ?Sized>(buf: &mut B, m: &StreamCommit) {
     put_uvarint(buf, m.commit_lsn);
     put_ivarint(buf, m.end_lsn.wrapping_sub(m.commit_lsn) as i64);
     buf.put_i64(m.commit_time);
-    if let Some(origin) = m.origin {
-        put_uvarint(buf, origin.node_id);
-        put_uvarint(buf, origin.lsn);
-    }
+    put_origin(buf, m.origin);
 }
 
 pub(crate) fn read_stream_commit(r: &mut Reader<'_>) -> Result<StreamCommit> {
@@ -118,14 +115,7 @@ pub(crate) fn read_stream_commit(r: &mut Reader<'_>) -> Result<StreamCommit> {
     let commit_lsn = r.uvarint()?;
     let delta = r.ivarint()?;
     let commit_time = r.i64_be()?;
-    let origin = if flags & COMMIT_HAS_ORIGIN != 0 {
-        Some(Origin {
-            node_id: r.uvarint()?,
-            lsn: r.uvarint()?,
-        })
-    } else {
-        None
-    };
+    let origin = read_origin(r, flags & COMMIT_HAS_ORIGIN != 0)?;
     Ok(StreamCommit {
         xid,
         commit_lsn,

@@ -74,10 +74,27 @@ pub fn write_begin<B: BufMut + ?Sized>(buf: &mut B, begin: &Begin) {
     put_uvarint(buf, begin.final_lsn);
     buf.put_i64(begin.commit_time);
     put_uvarint(buf, begin.xid.into());
-    if let Some(origin) = begin.origin {
+    put_origin(buf, begin.origin);
+}
+
+/// Appends an origin's fields, if there is one (its presence is a flag
+/// of the message).
+pub(crate) fn put_origin<B: BufMut + ?Sized>(buf: &mut B, origin: Option<Origin>) {
+    if let Some(origin) = origin {
         put_uvarint(buf, origin.node_id);
         put_uvarint(buf, origin.lsn);
     }
+}
+
+/// Reads an origin's fields when `present`.
+pub(crate) fn read_origin(r: &mut Reader<'_>, present: bool) -> Result<Option<Origin>> {
+    if !present {
+        return Ok(None);
+    }
+    Ok(Some(Origin {
+        node_id: r.uvarint()?,
+        lsn: r.uvarint()?,
+    }))
 }
 
 /// Reads a BEGIN message's body (after the tag).
@@ -86,14 +103,7 @@ pub(crate) fn read_begin(r: &mut Reader<'_>) -> Result<Begin> {
     let final_lsn = r.uvarint()?;
     let commit_time = r.i64_be()?;
     let xid = r.u32("xid")?;
-    let origin = if flags & BEGIN_HAS_ORIGIN != 0 {
-        Some(Origin {
-            node_id: r.uvarint()?,
-            lsn: r.uvarint()?,
-        })
-    } else {
-        None
-    };
+    let origin = read_origin(r, flags & BEGIN_HAS_ORIGIN != 0)?;
     Ok(Begin {
         xid,
         final_lsn,
