@@ -42,6 +42,7 @@ use std::collections::HashMap;
 use std::ffi::{CStr, c_char};
 
 use bdr_protocol::apply::{LocalRelation, read_changes, read_transactions};
+use bdr_protocol::by_value::{self, ByValueError};
 use bdr_protocol::{Datum as Value, INT2_OID, INT4_OID, INT8_OID, Message, RelId};
 use pgrx::PgSqlErrorCode;
 use pgrx::pg_sys;
@@ -84,7 +85,35 @@ struct Target {
     /// The row to write.
     new: *mut pg_sys::TupleTableSlot,
     natts: usize,
+    /// INSERTs held for one multi-row insert; `None` for a table that
+    /// takes its rows one at a time (see [`open_target`]).
+    held: Option<Held>,
 }
+
+/// Rows of one table held for `table_multi_insert`, as COPY FROM holds
+/// them: the heap gets them a page at a time (one WAL record per page
+/// instead of one per row), then each gets its index entries in order.
+struct Held {
+    /// Slots of the table's own kind, reused from one flush to the next.
+    slots: Vec<*mut pg_sys::TupleTableSlot>,
+    /// Their row type: a copy of the table's, which slots do not pin (a
+    /// thousand pins of one descriptor cost the resource owner a
+    /// thousand probes each).
+    tupdesc: pg_sys::TupleDesc,
+    /// How many of them hold a row.
+    rows: usize,
+    /// The held rows' size in the stream, against [`HELD_BYTES`].
+    bytes: usize,
+}
+
+/// At most this many rows are held for one multi-row insert...
+const HELD_ROWS: usize = 1000;
+/// ...and at most about this many bytes of their stream messages.
+const HELD_BYTES: usize = 64 * 1024;
+
+/// `TEXTOID` and `VARCHAROID`.
+const TEXT_OID: u32 = 25;
+const VARCHAR_OID: u32 = 1043;
 
 const NO_ROW: PgSqlErrorCode = PgSqlErrorCode::ERRCODE_NO_DATA_FOUND;
 
@@ -379,7 +408,14 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
         let row_cxt = new_context(query_cxt, c"bdr apply change");
         let mut targets: Vec<Option<Target>> = relations.iter().map(|_| None).collect();
         let mut applied = 0i64;
-        for (n, msg) in messages.enumerate() {
+        let mut messages = messages;
+        let mut n = 0usize;
+        loop {
+            let at = messages.offset();
+            let Some(msg) = messages.next() else {
+                break;
+            };
+            let size = messages.offset() - at;
             let msg = match msg {
                 Ok(m) => m,
                 Err(e) => bad_input(format!(
@@ -395,6 +431,12 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                     char::from(other.tag())
                 )),
             };
+            if !matches!(msg, Message::Insert(_)) {
+                // Held rows go in before anything that could see them.
+                for t in targets.iter_mut().flatten() {
+                    flush(t, estate, row_cxt);
+                }
+            }
             let Some(&i) = slot_of.get(&rel_id) else {
                 bad_input(format!(
                     "bdr.apply_changes: change {n} refers to relation id {rel_id}, which the changes do not describe"
@@ -405,14 +447,20 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                 Some(t) => t,
                 slot => slot.insert(open_target(estate, &entry.desc, i + 1)),
             };
-            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            let mut held = None;
             switch_to(row_cxt);
             match &msg {
                 Message::Insert(m) => {
                     fill(target.new, target.natts, entry, &m.new, cache_cxt, false);
-                    pg_sys::ExecSimpleRelationInsert(target.rri, estate, target.new);
+                    if target.held.is_some() {
+                        held = Some(hold(target, estate, size));
+                    } else {
+                        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+                        pg_sys::ExecSimpleRelationInsert(target.rri, estate, target.new);
+                    }
                 }
                 Message::Update(m) => {
+                    (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
                     let key = m.old.as_ref().map_or(&m.new, |o| &o.tuple);
                     find(target, entry, key, origin, cache_cxt, "UPDATE");
                     pg_sys::slot_getallattrs(target.local);
@@ -451,21 +499,33 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                     (*target.rte).updatedCols = std::ptr::null_mut();
                 }
                 Message::Delete(m) => {
+                    (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
                     find(target, entry, &m.old.tuple, origin, cache_cxt, "DELETE");
                     pg_sys::ExecSimpleRelationDelete(target.rri, estate, &mut *epq, target.local);
                 }
                 _ => unreachable!("checked above"),
             }
             switch_to(query_cxt);
-            pg_sys::ExecClearTuple(target.local);
             pg_sys::ExecClearTuple(target.new);
-            pg_sys::ExecClearTuple(target.search);
-            pg_sys::MemoryContextReset(row_cxt);
-            if let Some(econtext) = (*estate).es_per_tuple_exprcontext.as_mut() {
-                pg_sys::MemoryContextReset(econtext.ecxt_per_tuple_memory);
+            if !matches!(msg, Message::Insert(_)) {
+                pg_sys::ExecClearTuple(target.local);
+                pg_sys::ExecClearTuple(target.search);
             }
-            pg_sys::CommandCounterIncrement();
+            pg_sys::MemoryContextReset(row_cxt);
+            if held.is_none() {
+                reset_per_tuple(estate);
+            }
+            match held {
+                // The next change sees this one.
+                None => pg_sys::CommandCounterIncrement(),
+                Some(true) => flush(target, estate, row_cxt),
+                Some(false) => {}
+            }
             applied += 1;
+            n += 1;
+        }
+        for t in targets.iter_mut().flatten() {
+            flush(t, estate, row_cxt);
         }
         pg_sys::AfterTriggerEndQuery(estate);
         for t in targets.into_iter().flatten() {
@@ -478,6 +538,114 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
         pg_sys::FreeExecutorState(estate);
         DESCRIBED.set(described);
         applied
+    }
+}
+
+/// Frees what the executor allocated for the last row.
+///
+/// # Safety
+/// `estate` must be the call's executor state.
+unsafe fn reset_per_tuple(estate: *mut pg_sys::EState) {
+    // SAFETY: per the contract.
+    unsafe {
+        if let Some(econtext) = (*estate).es_per_tuple_exprcontext.as_mut() {
+            pg_sys::MemoryContextReset(econtext.ecxt_per_tuple_memory);
+        }
+    }
+}
+
+/// Holds the INSERT in `target.new` for the table's next multi-row
+/// insert, after the checks `ExecSimpleRelationInsert` makes before it
+/// writes (the table has no row triggers and no stored generated
+/// columns: see [`open_target`]); whether the held rows should go in
+/// now. `size` is the change's size in the stream.
+///
+/// # Safety
+/// As for [`apply`], with `target` open and holding rows.
+unsafe fn hold(target: &mut Target, estate: *mut pg_sys::EState, size: usize) -> bool {
+    // SAFETY: per the contract.
+    unsafe {
+        let rel = target.rel;
+        if !(*(*rel).rd_att).constr.is_null() {
+            pg_sys::ExecConstraints(target.rri, target.new, estate);
+        }
+        if (*(*rel).rd_rel).relispartition {
+            pg_sys::ExecPartitionCheck(target.rri, target.new, estate, true);
+        }
+        let held = target.held.as_mut().expect("a table that holds rows");
+        if held.rows == held.slots.len() {
+            // Slots live as long as the call's executor state.
+            let outer = switch_to((*estate).es_query_cxt);
+            if held.tupdesc.is_null() {
+                held.tupdesc = pg_sys::CreateTupleDescCopy((*rel).rd_att);
+            }
+            held.slots.push(pg_sys::ExecAllocTableSlot(
+                &mut (*estate).es_tupleTable,
+                held.tupdesc,
+                pg_sys::table_slot_callbacks(rel),
+            ));
+            switch_to(outer);
+        }
+        // A copy in the slot's own memory: the row's values are freed
+        // with the row.
+        pg_sys::ExecCopySlot(held.slots[held.rows], target.new);
+        held.rows += 1;
+        held.bytes += size;
+        held.rows >= HELD_ROWS || held.bytes >= HELD_BYTES
+    }
+}
+
+/// Writes the rows `target` holds, in one `table_multi_insert` (a single
+/// row as a plain insert), then
+/// their index entries row by row, as `ExecSimpleRelationInsert` would
+/// have; the next change sees them.
+///
+/// # Safety
+/// As for [`apply`], with `target` open; the current memory context is
+/// the call's query context and `row_cxt` holds nothing in use.
+unsafe fn flush(target: &mut Target, estate: *mut pg_sys::EState, row_cxt: pg_sys::MemoryContext) {
+    let Some(held) = target.held.as_mut().filter(|h| h.rows > 0) else {
+        return;
+    };
+    // SAFETY: per the contract; the held slots are filled.
+    unsafe {
+        let cid = pg_sys::GetCurrentCommandId(true);
+        (*estate).es_output_cid = cid;
+        let outer = switch_to(row_cxt);
+        if held.rows == 1 {
+            // The common single-row transaction: a plain insert record.
+            pg_sys::table_tuple_insert(target.rel, held.slots[0], cid, 0, std::ptr::null_mut());
+        } else {
+            pg_sys::table_multi_insert(
+                target.rel,
+                held.slots.as_mut_ptr(),
+                held.rows as i32,
+                cid,
+                0,
+                std::ptr::null_mut(),
+            );
+        }
+        for &slot in &held.slots[..held.rows] {
+            if (*target.rri).ri_NumIndices > 0 {
+                let recheck = pg_sys::ExecInsertIndexTuples(
+                    target.rri,
+                    slot,
+                    estate,
+                    false,
+                    false,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                );
+                pg_sys::list_free(recheck);
+            }
+            reset_per_tuple(estate);
+            pg_sys::ExecClearTuple(slot);
+        }
+        switch_to(outer);
+        pg_sys::MemoryContextReset(row_cxt);
+        held.rows = 0;
+        held.bytes = 0;
+        pg_sys::CommandCounterIncrement();
     }
 }
 
@@ -583,6 +751,23 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
         let local = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
         let virtual_slot =
             || pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &raw const pg_sys::TTSOpsVirtual);
+        // INSERTs go in many rows at a time unless something must see
+        // each row as it goes in: a row trigger (whether or not it fires
+        // in replica mode), or a stored generated column to compute.
+        let triggers = (*rri).ri_TrigDesc;
+        let row_triggers = !triggers.is_null()
+            && ((*triggers).trig_insert_before_row
+                || (*triggers).trig_insert_after_row
+                || (*triggers).trig_insert_instead_row
+                || (*triggers).trig_insert_new_table);
+        let constr = (*tupdesc).constr;
+        let generated = !constr.is_null() && (*constr).has_generated_stored;
+        let held = (!row_triggers && !generated).then(|| Held {
+            slots: Vec::new(),
+            tupdesc: std::ptr::null_mut(),
+            rows: 0,
+            bytes: 0,
+        });
         Target {
             rel,
             rri,
@@ -591,6 +776,7 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
             search: virtual_slot(),
             new: virtual_slot(),
             natts,
+            held,
         }
     }
 }
@@ -839,8 +1025,24 @@ unsafe fn to_datum(
 ) -> (pg_sys::Datum, bool) {
     let ty = pg_sys::Oid::from(type_oid);
     let mut text = |s: &str, spaces: usize| -> (pg_sys::Datum, bool) {
+        if s.as_bytes().contains(&0) {
+            raise(
+                PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+                format!("bdr.apply_changes: a text value of type {type_oid} holds a NUL byte"),
+                None,
+            );
+        }
         // SAFETY: per the contract.
         unsafe {
+            if spaces == 0
+                && (type_oid == TEXT_OID || (type_oid == VARCHAR_OID && typmod < 0))
+                && crate::pg::database_is_utf8()
+            {
+                // What textin and varcharin (without a length) make of
+                // it, without the copy to a C string.
+                let t = pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32);
+                return (pg_sys::Datum::from(t), false);
+            }
             let (finfo, ioparam) = io
                 .input
                 .get_or_insert_with(|| type_function(ty, pg_sys::getTypeInputInfo, cache_cxt));
@@ -877,6 +1079,21 @@ unsafe fn to_datum(
             (pg_sys::Datum::from(*v), false)
         }
         Value::Binary(b) => {
+            match by_value::datum(type_oid, typmod, b) {
+                Some(Ok(d)) => return (pg_sys::Datum::from(d), false),
+                Some(Err(e)) => raise(
+                    match e {
+                        ByValueError::Width { .. } => {
+                            PgSqlErrorCode::ERRCODE_INVALID_BINARY_REPRESENTATION
+                        }
+                        // 22008, which the server names datetime_value_out_of_range too.
+                        _ => PgSqlErrorCode::ERRCODE_DATETIME_FIELD_OVERFLOW,
+                    },
+                    format!("bdr.apply_changes: {e}"),
+                    None,
+                ),
+                None => {}
+            }
             // SAFETY: per the contract.
             unsafe {
                 let (finfo, ioparam) = io.receive.get_or_insert_with(|| {

@@ -59,8 +59,19 @@ pub unsafe fn switch_to(cxt: pg_sys::MemoryContext) -> pg_sys::MemoryContext {
 /// Whether the database encoding is UTF-8, so that server strings need no
 /// conversion before they go on the wire (which carries UTF-8 only).
 pub fn database_is_utf8() -> bool {
-    // SAFETY: reads the backend's database encoding, set at connection.
-    unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
+    thread_local! {
+        static UTF8: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    }
+    UTF8.with(|c| match c.get() {
+        Some(utf8) => utf8,
+        None => {
+            // SAFETY: reads the backend's database encoding, set at
+            // connection and fixed from then on.
+            let utf8 = unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 };
+            c.set(Some(utf8));
+            utf8
+        }
+    })
 }
 
 /// Server-encoded bytes as UTF-8 text: borrowed when the database is

@@ -43,6 +43,7 @@
 //! stream messages ([`PROTOCOL_VERSIONS`]); see [`startup`].
 
 pub mod apply;
+pub mod by_value;
 mod change;
 mod error;
 mod message;

@@ -112,14 +112,21 @@ fn main() {
             "SELECT pid FROM pg_stat_activity \
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
         );
+        // b's walsender to a decodes what b applied, to filter it out.
+        let echo = pids(
+            mesh.node("b"),
+            "SELECT pid FROM pg_stat_replication WHERE application_name = 'a'",
+        );
         let applier = mesh
             .applier("b")
             .pid()
             .map_or(0.0, |p| cpu_seconds(p as i32));
         eprintln!(
-            "run {run}: CPU s: a's walsender {:.2}, b's applier {applier:.2}, its sessions {:.2}",
+            "run {run}: CPU s: a's walsender {:.2}, b's applier {applier:.2}, its sessions {:.2}, \
+             b's walsender to a {:.2}",
             walsender.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
             sessions.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+            echo.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
         );
         // How a's walsender for b sent it: streamed in blocks, or spilled
         // to disk and sent after its commit.

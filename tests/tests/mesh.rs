@@ -342,7 +342,7 @@ fn values_of_every_column_type_arrive_intact_through_batches() {
         CREATE TABLE every (id int PRIMARY KEY, i2 int2, i8 int8, b bool, f4 float4,
             f8 float8, n numeric, t text, vc varchar(12), c char(5), by bytea,
             ts timestamptz, d date, u uuid, j jsonb, ia int[], ta text[],
-            iv interval, ip inet);
+            iv interval, ip inet, tn timestamp);
         CREATE TABLE custom (id int PRIMARY KEY, m mood, p pair, s small, t text);";
     let mut mesh = Mesh::new(&["a", "b"], schema);
     mesh.applier("b").stop();
@@ -356,9 +356,13 @@ fn values_of_every_column_type_arrive_intact_through_batches() {
                  'row ' || g || E'\t\n\\ é', 'v' || g, 'c' || (g % 10),
                  decode(md5(g::text), 'hex'), '2026-11-26 12:00:00+00'::timestamptz + g * interval '1 h',
                  date '2026-01-01' + g, md5(g::text)::uuid, jsonb_build_object('g', g, 'a', array[g]),
-                 array[g, NULL, -g], array['x' || g, NULL, ''], g * interval '1 min', '10.0.0.1'::inet + g
+                 array[g, NULL, -g], array['x' || g, NULL, ''], g * interval '1 min', '10.0.0.1'::inet + g,
+                 '2026-11-26 12:00:00'::timestamp - g * interval '100 days'
             FROM generate_series(1, 100) g;
           INSERT INTO every (id) SELECT g FROM generate_series(101, 130) g;
+          INSERT INTO every (id, b, f4, f8, ts, d, tn) VALUES
+              (131, false, -1.5, '-Infinity', 'infinity', '-infinity', '4713-01-01 00:00:00 BC'),
+              (132, true, 'NaN', -0.0, '-infinity', 'infinity', 'infinity');
           INSERT INTO custom
           SELECT g, CASE WHEN g % 3 = 0 THEN NULL WHEN g % 2 = 0 THEN 'happy' ELSE 'sad' END::mood,
                  ROW(g, 'p' || g)::pair, g, 'n' || g
@@ -369,7 +373,7 @@ fn values_of_every_column_type_arrive_intact_through_batches() {
     mesh.wait_for_catchup();
     assert!(
         mesh.assert_same(&fingerprint("every", "id"))
-            .starts_with("130:")
+            .starts_with("132:")
     );
     assert!(
         mesh.assert_same(&fingerprint("custom", "id"))
@@ -382,7 +386,7 @@ fn values_of_every_column_type_arrive_intact_through_batches() {
                  t = t || ' upd', vc = 'u' || id, c = 'u', by = by || '\x00'::bytea,
                  ts = ts + interval '1 s', d = d + 1, u = md5(id::text || 'u')::uuid,
                  j = j || '{"u": true}', ia = ia || id, ta = ta || 'u'::text,
-                 iv = iv * 2, ip = ip + 1
+                 iv = iv * 2, ip = ip + 1, tn = tn + interval '1 s'
            WHERE id % 2 = 0;
           UPDATE custom SET m = 'happy', p = ROW(-id, NULL), s = s + 1, t = NULL WHERE id <= 20"#,
     );
@@ -394,7 +398,7 @@ fn values_of_every_column_type_arrive_intact_through_batches() {
     mesh.wait_for_catchup();
     assert!(
         mesh.assert_same(&fingerprint("every", "id"))
-            .starts_with("104:")
+            .starts_with("106:")
     );
     assert!(
         mesh.assert_same(&fingerprint("custom", "id"))
@@ -411,6 +415,82 @@ fn values_of_every_column_type_arrive_intact_through_batches() {
           WHERE schemaname = 'bdr' AND funcname = 'apply_transactions'",
         "t",
     );
+}
+
+/// Runs of INSERTs into a table reach the heap many rows at a time (one
+/// WAL record per page, as COPY writes them), between changes that must
+/// see them; a table with a row trigger, which must see each row, gets
+/// its rows one at a time, and the trigger fires for every one.
+#[test]
+fn runs_of_inserts_go_in_many_rows_at_a_time_unless_a_trigger_watches() {
+    let schema = "
+        CREATE TABLE plain (id int PRIMARY KEY, v text NOT NULL, n int CHECK (n >= 0));
+        CREATE TABLE watched (id int PRIMARY KEY, v text);
+        CREATE TABLE gen (id int PRIMARY KEY, v int, w int GENERATED ALWAYS AS (v * 2) STORED);";
+    let mesh = Mesh::new(&["a", "b"], schema);
+    let (a, b) = (mesh.node("a"), mesh.node("b"));
+    b.safe_psql(
+        "CREATE EXTENSION pg_walinspect;
+         CREATE FUNCTION mark() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN NEW.v := NEW.v || '!'; RETURN NEW; END $$;
+         CREATE TRIGGER mark BEFORE INSERT ON watched FOR EACH ROW EXECUTE FUNCTION mark();
+         ALTER TABLE watched ENABLE ALWAYS TRIGGER mark;",
+    );
+    let start = b.safe_psql("SELECT pg_current_wal_lsn()");
+    a.safe_psql(
+        "BEGIN;
+         INSERT INTO plain SELECT g, 'p' || g, g FROM generate_series(1, 5000) g;
+         INSERT INTO watched SELECT g, 'w' || g FROM generate_series(1, 50) g;
+         INSERT INTO gen SELECT g, g FROM generate_series(1, 50) g;
+         INSERT INTO plain VALUES (5001, 'x', 1);
+         INSERT INTO watched VALUES (51, 'y');
+         INSERT INTO plain VALUES (5002, 'x', 2);
+         UPDATE plain SET v = 'updated' WHERE id BETWEEN 4990 AND 5001;
+         DELETE FROM plain WHERE id = 5002;
+         INSERT INTO plain VALUES (5002, 'again', 3);
+         COMMIT",
+    );
+    mesh.wait_for_catchup();
+    assert!(
+        mesh.assert_same(&fingerprint("plain", "id"))
+            .starts_with("5002:")
+    );
+    assert_eq!(
+        mesh.assert_same("SELECT count(*) FROM plain WHERE v = 'updated'"),
+        "12"
+    );
+    assert!(
+        mesh.assert_same(&fingerprint("gen", "id"))
+            .starts_with("50:")
+    );
+    assert_eq!(
+        b.safe_psql("SELECT count(*) FROM watched WHERE v LIKE '%!'"),
+        "51"
+    );
+    assert_eq!(
+        a.safe_psql("SELECT count(*) FROM watched WHERE v LIKE '%!'"),
+        "0"
+    );
+    // b's heap records per table: (multi-row inserts, single-row inserts).
+    let records = |table: &str| {
+        b.safe_psql(&format!(
+            "SELECT count(*) FILTER (WHERE record_type LIKE 'MULTI_INSERT%') || ' ' ||
+                    count(*) FILTER (WHERE record_type LIKE 'INSERT%')
+               FROM pg_get_wal_records_info('{start}', pg_current_wal_lsn())
+              WHERE resource_manager IN ('Heap', 'Heap2')
+                AND block_ref LIKE '%/' || pg_relation_filenode('{table}') || ' %'"
+        ))
+    };
+    // A row held alone goes in by itself: the last one, and those around
+    // the end of a call.
+    let plain = records("plain");
+    let (multi, single) = plain.split_once(' ').unwrap();
+    let (multi, single): (u32, u32) = (multi.parse().unwrap(), single.parse().unwrap());
+    assert!(
+        (20..200).contains(&multi) && (1..5).contains(&single),
+        "plain's heap records (multi-row, single-row): {plain}"
+    );
+    assert_eq!(records("watched"), "0 51");
 }
 
 #[test]
