@@ -1,0 +1,156 @@
+//! Where the catch-up time of a backlog of small transactions goes: a
+//! measurement, not a test. Node a writes `TX` (default 100,000)
+//! pgbench-style transactions (one UPDATE by key and one INSERT each, 4
+//! clients) while b's applier is stopped; then b catches up, and the probe
+//! prints the rate and the CPU seconds of a's walsender, b's applier and
+//! its sessions. `SYSTEM=builtin` has b subscribe with PostgreSQL's own
+//! logical replication instead (disabled while a writes), for the same
+//! figures of its walsender and apply worker; `RUNS` rounds (default 3).
+//! Run it with
+//!
+//! ```sh
+//! cargo build --release -p bdr-applier
+//! BDR_APPLIER_BIN=target/release/bdr-applier \
+//!     cargo run --release -p bdr-tests --example catchup_probe
+//! ```
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bdr_tests::{Mesh, Node, bindir};
+
+/// utime + stime of process `pid`, in seconds.
+fn cpu_seconds(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// The summed CPU of the pids a query on `node` returns.
+fn cpu_of(node: &Node, sql: &str) -> f64 {
+    node.safe_psql(sql)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .map(cpu_seconds)
+        .sum()
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let tx = env("TX", 100_000);
+    let runs = env("RUNS", 3);
+    let builtin = std::env::var("SYSTEM").as_deref() == Ok("builtin");
+    let mut mesh = Mesh::new(
+        &["a", "b"],
+        "CREATE TABLE acc (aid int PRIMARY KEY, abalance int, filler char(84));
+         CREATE TABLE hist (aid int, delta int, mtime timestamp);",
+    );
+    mesh.node("a")
+        .safe_psql("INSERT INTO acc SELECT g, 0, '' FROM generate_series(1, 500000) g");
+    mesh.wait_for_catchup();
+    if builtin {
+        mesh.applier("a").stop();
+        mesh.applier("b").stop();
+        mesh.node("a")
+            .safe_psql("CREATE PUBLICATION probe_pub FOR TABLE acc, hist");
+        let connstr = mesh.node("a").connstr();
+        mesh.node("b").safe_psql(&format!(
+            "CREATE SUBSCRIPTION probe_sub CONNECTION '{connstr}' PUBLICATION probe_pub \
+             WITH (copy_data = false, enabled = false)"
+        ));
+    }
+    let script = std::env::temp_dir().join(format!("catchup_probe_{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 500000)\nBEGIN;\n\
+         UPDATE acc SET abalance = abalance + 1 WHERE aid = :aid;\n\
+         INSERT INTO hist VALUES (:aid, 1, now());\nEND;\n",
+    )
+    .unwrap();
+    for run in 0..runs {
+        // A checkpoint logs the running transactions; once b has
+        // confirmed past it, a's slot need not decode the initial load
+        // again (the built-in's slot starts after it).
+        if !builtin {
+            mesh.node("a").safe_psql("CHECKPOINT");
+            mesh.wait_for_catchup();
+            mesh.applier("b").stop();
+        }
+        let port = mesh.node("a").port().to_string();
+        let per_client = (tx / 4).to_string();
+        let t = Instant::now();
+        let status = Command::new(bindir().join("pgbench"))
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n"])
+            .arg("-f")
+            .arg(&script)
+            .args(["-c", "4", "-j", "2", "-t", &per_client, "postgres"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let write = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let (walsender, apply) = if builtin {
+            let b = mesh.node("b");
+            b.safe_psql("ALTER SUBSCRIPTION probe_sub ENABLE");
+            // As for bdr: what the receiver reports as applied.
+            mesh.node("a").wait_until_applied_by("probe_sub");
+            let apply = cpu_of(
+                b,
+                "SELECT pid FROM pg_stat_subscription WHERE pid IS NOT NULL",
+            );
+            let walsender = cpu_of(
+                mesh.node("a"),
+                "SELECT pid FROM pg_stat_replication WHERE application_name = 'probe_sub'",
+            );
+            b.safe_psql("ALTER SUBSCRIPTION probe_sub DISABLE");
+            std::thread::sleep(Duration::from_millis(500));
+            (walsender, apply)
+        } else {
+            mesh.applier("b").restart();
+            mesh.wait_for_catchup_from("a");
+            let sessions = cpu_of(
+                mesh.node("b"),
+                "SELECT pid FROM pg_stat_activity \
+                 WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            );
+            let applier = mesh
+                .applier("b")
+                .pid()
+                .map_or(0.0, |p| cpu_seconds(p as i32));
+            eprintln!("run {run}: b's applier {applier:.2} CPU s, its sessions {sessions:.2}");
+            let walsender = cpu_of(
+                mesh.node("a"),
+                "SELECT pid FROM pg_stat_replication WHERE application_name = 'b'",
+            );
+            (walsender, applier + sessions)
+        };
+        let catch_up = t.elapsed().as_secs_f64();
+        // Whether a's walsender spilled or streamed any of it.
+        let slots = mesh.node("a").safe_psql(
+            "SELECT sum(spill_txns) || ' spilled (' || pg_size_pretty(sum(spill_bytes)) \
+                    || '), ' || sum(stream_txns) || ' streamed' FROM pg_stat_replication_slots",
+        );
+        mesh.node("a")
+            .safe_psql("SELECT pg_stat_reset_replication_slot(NULL)");
+        eprintln!("run {run}: a's slots: {slots}");
+        eprintln!(
+            "run {run}: {tx} tx written in {write:.2} s; {} caught up in {catch_up:.2} s = {:.0} tx/s; \
+             CPU s: a's walsender {walsender:.2}, apply {apply:.2}",
+            if builtin { "built-in" } else { "bdr" },
+            tx as f64 / catch_up
+        );
+    }
+    let _ = std::fs::remove_file(&script);
+}
