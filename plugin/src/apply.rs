@@ -431,28 +431,31 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                     char::from(other.tag())
                 )),
             };
-            if !matches!(msg, Message::Insert(_)) {
-                // Held rows go in before anything that could see them.
-                for t in targets.iter_mut().flatten() {
-                    flush(t, estate, row_cxt);
-                }
-            }
             let Some(&i) = slot_of.get(&rel_id) else {
                 bad_input(format!(
                     "bdr.apply_changes: change {n} refers to relation id {rel_id}, which the changes do not describe"
                 ));
             };
             let entry = described.get_mut(&rel_id).expect("described above");
-            let target = match &mut targets[i] {
-                Some(t) => t,
-                slot => slot.insert(open_target(estate, &entry.desc, i + 1)),
-            };
+            if targets[i].is_none() {
+                targets[i] = Some(open_target(estate, &entry.desc, i + 1));
+            }
+            let holds = matches!(msg, Message::Insert(_))
+                && targets[i].as_ref().is_some_and(|t| t.held.is_some());
+            if !holds {
+                // Held rows go in before anything that could see them:
+                // an UPDATE or DELETE, or a row a trigger sees go in.
+                for t in targets.iter_mut().flatten() {
+                    flush(t, estate, row_cxt);
+                }
+            }
+            let target = targets[i].as_mut().expect("opened above");
             let mut held = None;
             switch_to(row_cxt);
             match &msg {
                 Message::Insert(m) => {
                     fill(target.new, target.natts, entry, &m.new, cache_cxt, false);
-                    if target.held.is_some() {
+                    if holds {
                         held = Some(hold(target, estate, size));
                     } else {
                         (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
