@@ -426,9 +426,15 @@ impl Pair {
         let t0 = self.wait_for_marker(first, crate::wait_limit())?;
         let receivers = self.receiver_pids()?;
         let walsenders = self.walsender_pids()?;
-        let (r0, w0) = (pg::cpu_of(&receivers), pg::cpu_of(&walsenders));
+        let (r0, w0) = (
+            bdr_tests::cpu_of(&receivers),
+            bdr_tests::cpu_of(&walsenders),
+        );
         let t1 = self.wait_for_marker(last, crate::wait_limit())?;
-        let (r1, w1) = (pg::cpu_of(&receivers), pg::cpu_of(&walsenders));
+        let (r1, w1) = (
+            bdr_tests::cpu_of(&receivers),
+            bdr_tests::cpu_of(&walsenders),
+        );
         if receivers.is_empty() || walsenders.is_empty() {
             bail!(
                 "{:?}: found no apply process ({receivers:?}) or walsender ({walsenders:?})",

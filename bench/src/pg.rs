@@ -81,32 +81,6 @@ pub fn parse_pgbench(out: &str) -> anyhow::Result<PgbenchResult> {
     Ok(PgbenchResult { transactions, tps })
 }
 
-/// CPU time (user + system) of a process so far, in seconds; 0 for a
-/// process that is gone.
-pub fn cpu_seconds(pid: i32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name start with the state
-    // (field 3); utime and stime are fields 14 and 15.
-    let rest: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| rest.get(i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
-}
-
-/// The summed CPU seconds of `pids`.
-pub fn cpu_of(pids: &[i32]) -> f64 {
-    pids.iter().map(|&p| cpu_seconds(p)).sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,16 +96,5 @@ mod tests {
         let timed = "number of transactions actually processed: 51234\n\
                      tps = 5123.4 (without initial connection time)\n";
         assert_eq!(parse_pgbench(timed).unwrap().transactions, 51234);
-    }
-
-    #[test]
-    fn own_cpu_time_is_readable() {
-        let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_add(i * i);
-        }
-        assert!(x > 0);
-        assert!(cpu_seconds(std::process::id() as i32) >= 0.0);
-        assert_eq!(cpu_seconds(-1), 0.0);
     }
 }

@@ -17,7 +17,7 @@
 
 use std::time::Instant;
 
-use bdr_tests::Mesh;
+use bdr_tests::{Mesh, cpu_seconds};
 
 const SCHEMA: &str = "CREATE TABLE bench_bulk (id int PRIMARY KEY, a int, b text, c timestamptz, d numeric, e float8)";
 
@@ -32,19 +32,6 @@ fn pids(node: &bdr_tests::Node, sql: &str) -> Vec<i32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
-}
-
-/// utime + stime of process `pid`, in seconds.
-fn cpu_seconds(pid: i32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 =
-        fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
-    ticks / 100.0
 }
 
 fn env(name: &str, default: u64) -> u64 {

@@ -17,27 +17,16 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bdr_tests::{Mesh, Node, bindir};
+use bdr_tests::{Mesh, Node, bindir, cpu_of, cpu_seconds};
 
-/// utime + stime of process `pid`, in seconds.
-fn cpu_seconds(pid: i32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 =
-        fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
-    ticks / 100.0
-}
-
-/// The summed CPU of the pids a query on `node` returns.
-fn cpu_of(node: &Node, sql: &str) -> f64 {
-    node.safe_psql(sql)
+/// The summed CPU seconds of the pids a query on `node` returns.
+fn cpu_of_query(node: &Node, sql: &str) -> f64 {
+    let pids: Vec<i32> = node
+        .safe_psql(sql)
         .lines()
         .filter_map(|l| l.trim().parse().ok())
-        .map(cpu_seconds)
-        .sum()
+        .collect();
+    cpu_of(&pids)
 }
 
 fn env(name: &str, default: u64) -> u64 {
@@ -106,11 +95,11 @@ fn main() {
             b.safe_psql("ALTER SUBSCRIPTION probe_sub ENABLE");
             // As for bdr: what the receiver reports as applied.
             mesh.node("a").wait_until_applied_by("probe_sub");
-            let apply = cpu_of(
+            let apply = cpu_of_query(
                 b,
                 "SELECT pid FROM pg_stat_subscription WHERE pid IS NOT NULL",
             );
-            let walsender = cpu_of(
+            let walsender = cpu_of_query(
                 mesh.node("a"),
                 "SELECT pid FROM pg_stat_replication WHERE application_name = 'probe_sub'",
             );
@@ -120,7 +109,7 @@ fn main() {
         } else {
             mesh.applier("b").restart();
             mesh.wait_for_catchup_from("a");
-            let sessions = cpu_of(
+            let sessions = cpu_of_query(
                 mesh.node("b"),
                 "SELECT pid FROM pg_stat_activity \
                  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
@@ -130,7 +119,7 @@ fn main() {
                 .pid()
                 .map_or(0.0, |p| cpu_seconds(p as i32));
             eprintln!("run {run}: b's applier {applier:.2} CPU s, its sessions {sessions:.2}");
-            let walsender = cpu_of(
+            let walsender = cpu_of_query(
                 mesh.node("a"),
                 "SELECT pid FROM pg_stat_replication WHERE application_name = 'b'",
             );

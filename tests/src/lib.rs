@@ -18,8 +18,10 @@ mod applier;
 mod mesh;
 mod node;
 mod port;
+mod process;
 mod user;
 
 pub use applier::{ApplierProcess, applier_binary, applier_command, applier_command_output};
 pub use mesh::Mesh;
 pub use node::{Node, bindir, pg_config, timeout};
+pub use process::{cpu_of, cpu_seconds};
