@@ -26,7 +26,12 @@
 //!   whose table, columns or index no longer match the description.
 //!
 //! Each change runs in its own command (the next one sees it), with the
-//! transaction's snapshot for constraints; triggers fire as they would for
+//! transaction's snapshot for constraints. The exception are runs of
+//! INSERTs into a table without row triggers or stored generated columns:
+//! they are held (up to [`HELD_ROWS`] rows or about [`HELD_BYTES`]) and
+//! written together with `table_multi_insert`, as COPY FROM writes, one
+//! WAL record per page, before any change that is not held (which could
+//! see them) and at the end of the call. Triggers fire as they would for
 //! the applier's statements (the session runs with
 //! `session_replication_role = replica`), AFTER triggers at the end of
 //! the call. With `end_lsn` given, the call also records the remote
@@ -1015,7 +1020,9 @@ unsafe fn type_function(
 
 /// A value as a datum of type `type_oid`: through the type's receive
 /// function (binary values) or input function (text), as the server does
-/// for a bound parameter; whether it is NULL.
+/// for a bound parameter; whether it is NULL. Common fixed-width binary
+/// values (`bdr_protocol::by_value`) and `text`/`varchar` without a
+/// length limit are made here directly, with those functions' checks.
 ///
 /// # Safety
 /// Must run in a backend; the datum lives in the current memory context.
