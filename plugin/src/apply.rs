@@ -27,7 +27,8 @@
 //!
 //! Each change runs in its own command (the next one sees it), with the
 //! transaction's snapshot for constraints. The exception are runs of
-//! INSERTs into a table without row triggers or stored generated columns:
+//! INSERTs into a table without stored generated columns or row triggers
+//! that fire in the session's replication role (foreign keys' do not):
 //! they are held (up to [`HELD_ROWS`] rows or about [`HELD_BYTES`]) and
 //! written together with `table_multi_insert`, as COPY FROM writes, one
 //! WAL record per page, before any change that is not held (which could
@@ -564,8 +565,8 @@ unsafe fn reset_per_tuple(estate: *mut pg_sys::EState) {
 
 /// Holds the INSERT in `target.new` for the table's next multi-row
 /// insert, after the checks `ExecSimpleRelationInsert` makes before it
-/// writes (the table has no row triggers and no stored generated
-/// columns: see [`open_target`]); whether the held rows should go in
+/// writes (no row trigger of the table fires and it has no stored
+/// generated columns: see [`open_target`]); whether the held rows should go in
 /// now. `size` is the change's size in the stream.
 ///
 /// # Safety
@@ -760,17 +761,12 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
         let virtual_slot =
             || pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &raw const pg_sys::TTSOpsVirtual);
         // INSERTs go in many rows at a time unless something must see
-        // each row as it goes in: a row trigger (whether or not it fires
-        // in replica mode), or a stored generated column to compute.
-        let triggers = (*rri).ri_TrigDesc;
-        let row_triggers = !triggers.is_null()
-            && ((*triggers).trig_insert_before_row
-                || (*triggers).trig_insert_after_row
-                || (*triggers).trig_insert_instead_row
-                || (*triggers).trig_insert_new_table);
+        // each row as it goes in: a row trigger that fires in this
+        // session's replication role, or a stored generated column to
+        // compute.
         let constr = (*tupdesc).constr;
         let generated = !constr.is_null() && (*constr).has_generated_stored;
-        let held = (!row_triggers && !generated).then(|| Held {
+        let held = (!insert_trigger_fires(rri) && !generated).then(|| Held {
             slots: Vec::new(),
             tupdesc: std::ptr::null_mut(),
             rows: 0,
@@ -786,6 +782,48 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
             natts,
             held,
         }
+    }
+}
+
+/// Whether a row trigger of the table fires for an INSERT in this
+/// session's replication role, as `TriggerEnabled` decides before any
+/// WHEN clause: with `session_replication_role = replica` (the applier's)
+/// the triggers enabled ALWAYS or REPLICA, otherwise ALWAYS or ORIGIN.
+/// Foreign keys' triggers are ORIGIN ones. A transition table counts as
+/// firing.
+///
+/// # Safety
+/// `rri` must be initialised for an open table.
+unsafe fn insert_trigger_fires(rri: *mut pg_sys::ResultRelInfo) -> bool {
+    // SAFETY: per the contract; the trigger array has numtriggers entries.
+    unsafe {
+        let desc = (*rri).ri_TrigDesc;
+        if desc.is_null() {
+            return false;
+        }
+        if (*desc).trig_insert_new_table {
+            return true;
+        }
+        let replica = std::ptr::addr_of!(pg_sys::SessionReplicationRole).read()
+            == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
+        let n = usize::try_from((*desc).numtriggers).unwrap_or(0);
+        if n == 0 || (*desc).triggers.is_null() {
+            return false;
+        }
+        std::slice::from_raw_parts((*desc).triggers, n)
+            .iter()
+            .any(|t| {
+                let kind = t.tgtype as u32;
+                let row_insert =
+                    kind & pg_sys::TRIGGER_TYPE_ROW != 0 && kind & pg_sys::TRIGGER_TYPE_INSERT != 0;
+                row_insert
+                    && match t.tgenabled as u8 {
+                        pg_sys::TRIGGER_DISABLED => false,
+                        pg_sys::TRIGGER_FIRES_ON_ORIGIN => !replica,
+                        pg_sys::TRIGGER_FIRES_ON_REPLICA => replica,
+                        _ => true,
+                    }
+            })
     }
 }
 

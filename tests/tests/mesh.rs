@@ -419,15 +419,17 @@ fn values_of_every_column_type_arrive_intact_through_batches() {
 
 /// Runs of INSERTs into a table reach the heap many rows at a time (one
 /// WAL record per page, as COPY writes them), before changes that could
-/// see them; a table with a row trigger, which must see each row, gets
-/// its rows one at a time, and the trigger fires for every one and sees
-/// every row written before it.
+/// see them; a table with a row trigger that fires on the applier's
+/// session, which must see each row, gets its rows one at a time, and the
+/// trigger fires for every one and sees every row written before it. A
+/// foreign key's triggers do not fire there.
 #[test]
 fn runs_of_inserts_go_in_many_rows_at_a_time_unless_a_trigger_watches() {
     let schema = "
         CREATE TABLE plain (id int PRIMARY KEY, v text NOT NULL, n int CHECK (n >= 0));
         CREATE TABLE watched (id int PRIMARY KEY, v text);
-        CREATE TABLE gen (id int PRIMARY KEY, v int, w int GENERATED ALWAYS AS (v * 2) STORED);";
+        CREATE TABLE gen (id int PRIMARY KEY, v int, w int GENERATED ALWAYS AS (v * 2) STORED);
+        CREATE TABLE child (id int PRIMARY KEY, p int REFERENCES plain (id));";
     let mesh = Mesh::new(&["a", "b"], schema);
     let (a, b) = (mesh.node("a"), mesh.node("b"));
     b.safe_psql(
@@ -443,6 +445,7 @@ fn runs_of_inserts_go_in_many_rows_at_a_time_unless_a_trigger_watches() {
          INSERT INTO plain SELECT g, 'p' || g, g FROM generate_series(1, 5000) g;
          INSERT INTO watched SELECT g, 'w' || g FROM generate_series(1, 50) g;
          INSERT INTO gen SELECT g, g FROM generate_series(1, 50) g;
+         INSERT INTO child SELECT g, g FROM generate_series(1, 500) g;
          INSERT INTO plain VALUES (5001, 'x', 1);
          INSERT INTO watched VALUES (51, 'y');
          INSERT INTO plain VALUES (5002, 'x', 2);
@@ -493,6 +496,16 @@ fn runs_of_inserts_go_in_many_rows_at_a_time_unless_a_trigger_watches() {
         "plain's heap records (multi-row, single-row): {plain}"
     );
     assert_eq!(records("watched"), "0 51");
+    // A foreign key's triggers do not fire on the applier's session.
+    assert!(
+        mesh.assert_same(&fingerprint("child", "id"))
+            .starts_with("500:")
+    );
+    let child = records("child");
+    assert!(
+        child.ends_with(" 0") && !child.starts_with("0 "),
+        "child's heap records (multi-row, single-row): {child}"
+    );
 }
 
 #[test]
