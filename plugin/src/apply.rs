@@ -566,8 +566,8 @@ unsafe fn reset_per_tuple(estate: *mut pg_sys::EState) {
 /// Holds the INSERT in `target.new` for the table's next multi-row
 /// insert, after the checks `ExecSimpleRelationInsert` makes before it
 /// writes (no row trigger of the table fires and it has no stored
-/// generated columns: see [`open_target`]); whether the held rows should go in
-/// now. `size` is the change's size in the stream.
+/// generated columns: see [`open_target`]); whether the held rows should
+/// go in now. `size` is the change's size in the stream.
 ///
 /// # Safety
 /// As for [`apply`], with `target` open and holding rows.
@@ -604,10 +604,9 @@ unsafe fn hold(target: &mut Target, estate: *mut pg_sys::EState, size: usize) ->
     }
 }
 
-/// Writes the rows `target` holds, in one `table_multi_insert` (a single
-/// row as a plain insert), then
-/// their index entries row by row, as `ExecSimpleRelationInsert` would
-/// have; the next change sees them.
+/// Writes the rows `target` holds in one `table_multi_insert` (a single
+/// row as a plain insert), then their index entries row by row, as
+/// `ExecSimpleRelationInsert` would have; the next change sees them.
 ///
 /// # Safety
 /// As for [`apply`], with `target` open; the current memory context is
