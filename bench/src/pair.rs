@@ -16,7 +16,7 @@
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use bdr_tests::{ApplierProcess, Node, applier_command};
 
 use crate::pg;
@@ -403,10 +403,7 @@ impl Pair {
 
     /// The origin's walsenders.
     pub fn walsender_pids(&self) -> anyhow::Result<Vec<i32>> {
-        let out = self.origin.safe_psql("SELECT pid FROM pg_stat_replication");
-        out.lines()
-            .map(|l| l.trim().parse::<i32>().context("walsender pid"))
-            .collect()
+        Ok(self.origin.pids("SELECT pid FROM pg_stat_replication"))
     }
 
     /// Pauses the receiver, lets `write` queue a batch on the origin

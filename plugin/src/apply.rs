@@ -456,13 +456,14 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                 }
             }
             let target = targets[i].as_mut().expect("opened above");
-            let mut held = None;
+            // Whether the rows held for the table should go in now.
+            let mut full = false;
             switch_to(row_cxt);
             match &msg {
                 Message::Insert(m) => {
                     fill(target.new, target.natts, entry, &m.new, cache_cxt, false);
                     if holds {
-                        held = Some(hold(target, estate, size));
+                        full = hold(target, estate, size);
                     } else {
                         (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
                         pg_sys::ExecSimpleRelationInsert(target.rri, estate, target.new);
@@ -521,14 +522,12 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                 pg_sys::ExecClearTuple(target.search);
             }
             pg_sys::MemoryContextReset(row_cxt);
-            if held.is_none() {
+            if !holds {
                 reset_per_tuple(estate);
-            }
-            match held {
                 // The next change sees this one.
-                None => pg_sys::CommandCounterIncrement(),
-                Some(true) => flush(target, estate, row_cxt),
-                Some(false) => {}
+                pg_sys::CommandCounterIncrement();
+            } else if full {
+                flush(target, estate, row_cxt);
             }
             applied += 1;
             n += 1;

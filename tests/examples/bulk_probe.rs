@@ -26,14 +26,6 @@ const PEEK: &str = "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('pr
     'node_name', 'probe', 'pg_version_num', '150020', 'datum_formats', 'text,binary', \
     'forward_origins', 'false')";
 
-/// The pids a query on `node` returns.
-fn pids(node: &bdr_tests::Node, sql: &str) -> Vec<i32> {
-    node.safe_psql(sql)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -90,20 +82,17 @@ fn main() {
         let apply = t.elapsed().as_secs_f64();
         // CPU of the processes that carried it, all started with the
         // applier's restart: a's walsender, b's applier and its sessions.
-        let walsender = pids(
-            mesh.node("a"),
-            "SELECT pid FROM pg_stat_replication WHERE application_name = 'b'",
-        );
-        let sessions = pids(
-            mesh.node("b"),
+        let walsender = mesh
+            .node("a")
+            .pids("SELECT pid FROM pg_stat_replication WHERE application_name = 'b'");
+        let sessions = mesh.node("b").pids(
             "SELECT pid FROM pg_stat_activity \
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
         );
         // b's walsender to a decodes what b applied, to filter it out.
-        let echo = pids(
-            mesh.node("b"),
-            "SELECT pid FROM pg_stat_replication WHERE application_name = 'a'",
-        );
+        let echo = mesh
+            .node("b")
+            .pids("SELECT pid FROM pg_stat_replication WHERE application_name = 'a'");
         let applier = mesh
             .applier("b")
             .pid()

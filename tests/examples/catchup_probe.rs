@@ -19,14 +19,9 @@ use std::time::{Duration, Instant};
 
 use bdr_tests::{Mesh, Node, bindir, cpu_of, cpu_seconds};
 
-/// The summed CPU seconds of the pids a query on `node` returns.
+/// The summed CPU seconds of the processes a query on `node` returns.
 fn cpu_of_query(node: &Node, sql: &str) -> f64 {
-    let pids: Vec<i32> = node
-        .safe_psql(sql)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
-    cpu_of(&pids)
+    cpu_of(&node.pids(sql))
 }
 
 fn env(name: &str, default: u64) -> u64 {

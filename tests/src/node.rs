@@ -345,6 +345,19 @@ impl Node {
         }
     }
 
+    /// The process ids a query returns, one per row (of
+    /// `pg_stat_activity` or `pg_stat_replication`, say).
+    pub fn pids(&self, sql: &str) -> Vec<i32> {
+        self.safe_psql(sql)
+            .lines()
+            .map(|l| {
+                l.trim().parse().unwrap_or_else(|_| {
+                    panic!("node {}: {l:?} is not a process id, from\n{sql}", self.name)
+                })
+            })
+            .collect()
+    }
+
     /// Like [`Node::psql`], but panics with the error and the node's name.
     pub fn safe_psql(&self, sql: &str) -> String {
         self.psql(sql)
