@@ -6,6 +6,8 @@
 //! its sessions. `SYSTEM=builtin` has b subscribe with PostgreSQL's own
 //! logical replication instead (disabled while a writes), for the same
 //! figures of its walsender and apply worker; `RUNS` rounds (default 3).
+//! `PERF=file` records the whole machine during each catch-up with
+//! `perf record -a --call-graph dwarf` (file, file.1, ...).
 //! Run it with
 //!
 //! ```sh
@@ -40,6 +42,16 @@ fn main() {
         "CREATE TABLE acc (aid int PRIMARY KEY, abalance int, filler char(84));
          CREATE TABLE hist (aid int, delta int, mtime timestamp);",
     );
+    // The benchmark's server settings (bench/src/pair.rs).
+    for name in ["a", "b"] {
+        let node = mesh.node_mut(name);
+        node.append_conf(
+            "shared_buffers = 256MB\ncheckpoint_timeout = 30min\nmax_wal_size = 4GB\n\
+             logical_decoding_work_mem = 64MB\nautovacuum = off\n",
+        );
+        node.restart();
+    }
+    mesh.wait_for_streaming();
     mesh.node("a")
         .safe_psql("INSERT INTO acc SELECT g, 0, '' FROM generate_series(1, 500000) g");
     mesh.wait_for_catchup();
@@ -84,6 +96,29 @@ fn main() {
             .unwrap();
         assert!(status.success());
         let write = t.elapsed().as_secs_f64();
+        let perf = std::env::var("PERF").ok().map(|file| {
+            let out = if run == 0 {
+                file
+            } else {
+                format!("{file}.{run}")
+            };
+            let child = Command::new("perf")
+                .args([
+                    "record",
+                    "-q",
+                    "-a",
+                    "-F",
+                    "499",
+                    "--call-graph",
+                    "dwarf",
+                    "-o",
+                    &out,
+                ])
+                .spawn()
+                .expect("perf record");
+            std::thread::sleep(Duration::from_millis(500));
+            child
+        });
         let t = Instant::now();
         let (walsender, apply) = if builtin {
             let b = mesh.node("b");
@@ -121,6 +156,12 @@ fn main() {
             (walsender, applier + sessions)
         };
         let catch_up = t.elapsed().as_secs_f64();
+        if let Some(mut child) = perf {
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
         // Whether a's walsender spilled or streamed any of it.
         let slots = mesh.node("a").safe_psql(
             "SELECT sum(spill_txns) || ' spilled (' || pg_size_pretty(sum(spill_bytes)) \
