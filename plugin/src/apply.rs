@@ -21,6 +21,8 @@
 //!   `bdr.apply_require_row`); a row whose last writer is unknown (frozen,
 //!   or written earlier in the same transaction) is applied to, as by the
 //!   statements of the applier's no-conflict path;
+//! - a row that another transaction changed and committed between the
+//!   search and the write (the search takes no row lock, see `find`);
 //! - a row that hits a unique key (unique_violation, from the index);
 //! - a NULL key value, a value that does not fit its column, a relation
 //!   whose table, columns or index no longer match the description.
@@ -86,8 +88,9 @@ struct Target {
     rte: *mut pg_sys::RangeTblEntry,
     /// The local row found by key.
     local: *mut pg_sys::TupleTableSlot,
-    /// The key values that find it.
-    search: *mut pg_sys::TupleTableSlot,
+    /// The unique index that finds it; `None` for a table described
+    /// without one (INSERTs only).
+    finder: Option<Finder>,
     /// The row to write.
     new: *mut pg_sys::TupleTableSlot,
     natts: usize,
@@ -110,6 +113,25 @@ struct Held {
     rows: usize,
     /// The held rows' size in the stream, against [`HELD_BYTES`].
     bytes: usize,
+}
+
+/// A unique index that finds rows by key, one of those the table's
+/// result relation opened.
+struct Finder {
+    index: pg_sys::Relation,
+    /// Per index key column, in index order.
+    keys: Vec<KeyColumn>,
+    /// The scan's keys, filled in for each search.
+    scan_keys: Vec<pg_sys::ScanKeyData>,
+}
+
+/// One key column of a [`Finder`]'s index.
+struct KeyColumn {
+    /// The table column it holds.
+    attnum: i16,
+    /// The function of its operator family's equality operator.
+    equal: pg_sys::RegProcedure,
+    collation: pg_sys::Oid,
 }
 
 /// At most this many rows are held for one multi-row insert...
@@ -519,7 +541,6 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
             pg_sys::ExecClearTuple(target.new);
             if !matches!(msg, Message::Insert(_)) {
                 pg_sys::ExecClearTuple(target.local);
-                pg_sys::ExecClearTuple(target.search);
             }
             pg_sys::MemoryContextReset(row_cxt);
             if !holds {
@@ -740,18 +761,17 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
                 key_attnums.push(c.attnum as i16);
             }
         }
-        // The index must be a unique one of this table whose key columns
-        // all are replica identity columns: the search slot holds those
-        // values only. Without one, INSERTs only (see `find`).
-        if desc.index != 0 && !index_finds_by(rel, desc.index, &key_attnums) {
-            stale(format!(
-                "index {} does not find rows by the key",
-                desc.index
-            ));
-        }
         let rri = make_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
         pg_sys::InitResultRelInfo(rri, rel, rti as pg_sys::Index, std::ptr::null_mut(), 0);
         pg_sys::ExecOpenIndices(rri, false);
+        // The index must be a unique one of this table whose key columns
+        // all are replica identity columns: the changes carry those
+        // values only. Without one, INSERTs only (see `find`).
+        let finder = (desc.index != 0).then(|| {
+            let index = desc.index;
+            finder(rri, index, &key_attnums)
+                .unwrap_or_else(|| stale(format!("index {index} does not find rows by the key")))
+        });
         (*estate).es_opened_result_relations =
             pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
         let rte = pg_sys::list_nth((*estate).es_range_table, rti as i32 - 1).cast();
@@ -775,7 +795,7 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
             rri,
             rte,
             local,
-            search: virtual_slot(),
+            finder,
             new: virtual_slot(),
             natts,
             held,
@@ -825,36 +845,77 @@ unsafe fn insert_trigger_fires(rri: *mut pg_sys::ResultRelInfo) -> bool {
     }
 }
 
-/// Whether `index` is a valid, immediate unique index of `rel` on key
-/// columns only.
+/// The [`Finder`] of `index`, if it is one of the indexes `rri` opened
+/// (so locked as for the table's writes) and a valid, immediate unique
+/// index on key columns only.
 ///
 /// # Safety
-/// `rel` must be open.
-unsafe fn index_finds_by(rel: pg_sys::Relation, index: u32, key_attnums: &[i16]) -> bool {
-    // SAFETY: per the contract; the index is opened and closed here.
+/// `rri` must be initialised for an open table, its indexes opened.
+unsafe fn finder(
+    rri: *mut pg_sys::ResultRelInfo,
+    index: u32,
+    key_attnums: &[i16],
+) -> Option<Finder> {
+    // SAFETY: per the contract; the arrays have the lengths the server
+    // gives them.
     unsafe {
-        let idx = pg_sys::index_open(pg_sys::Oid::from(index), pg_sys::AccessShareLock as i32);
+        let n = usize::try_from((*rri).ri_NumIndices).unwrap_or(0);
+        if n == 0 || (*rri).ri_IndexRelationDescs.is_null() {
+            return None;
+        }
+        let idx = *std::slice::from_raw_parts((*rri).ri_IndexRelationDescs, n)
+            .iter()
+            .find(|&&i| u32::from((*i).rd_id) == index)?;
         let form = &*(*idx).rd_index;
-        let keys = form.indnkeyatts as usize;
-        let usable = form.indrelid == (*rel).rd_id
-            && form.indisunique
+        let nkeys = form.indnkeyatts as usize;
+        let attnums = form.indkey.values.as_slice(nkeys);
+        let usable = form.indisunique
             && form.indisvalid
             && form.indimmediate
-            && keys > 0
-            && form
-                .indkey
-                .values
-                .as_slice(keys)
-                .iter()
-                .all(|k| key_attnums.contains(k));
-        pg_sys::index_close(idx, pg_sys::NoLock as i32);
-        usable
+            && nkeys > 0
+            && attnums.iter().all(|k| key_attnums.contains(k));
+        if !usable {
+            return None;
+        }
+        let mut keys = Vec::with_capacity(nkeys);
+        for (i, &attnum) in attnums.iter().enumerate() {
+            // As the index's own scans compare: the equality operator of
+            // the column's operator family for the opclass's input type.
+            let family = *(*idx).rd_opfamily.add(i);
+            let input = *(*idx).rd_opcintype.add(i);
+            let op = pg_sys::get_opfamily_member(
+                family,
+                input,
+                input,
+                pg_sys::BTEqualStrategyNumber as i16,
+            );
+            if op == pg_sys::InvalidOid {
+                return None;
+            }
+            keys.push(KeyColumn {
+                attnum,
+                equal: pg_sys::get_opcode(op),
+                collation: *(*idx).rd_indcollation.add(i),
+            });
+        }
+        Some(Finder {
+            index: idx,
+            keys,
+            scan_keys: vec![std::mem::zeroed(); nkeys],
+        })
     }
 }
 
-/// Finds and locks the local row whose key columns hold the key values of
-/// `tuple`, last written by `origin` (or by an unknown writer); anything
-/// else is an ERROR (see the module documentation).
+/// Finds the local row whose key columns hold the key values of `tuple`,
+/// last written by `origin` (or by an unknown writer); anything else is
+/// an ERROR (see the module documentation).
+///
+/// The search is `RelationFindReplTupleByIndex`'s (a dirty snapshot,
+/// waiting for a transaction that is writing the row and looking again)
+/// without its row lock: the UPDATE or DELETE that follows waits for a
+/// writer that came in between and fails if that one committed, and the
+/// applier applies the transaction again through its statements. The
+/// lock would cost every change a WAL record and a tuple header write.
 ///
 /// # Safety
 /// As for [`apply`], with `target` open.
@@ -869,12 +930,14 @@ unsafe fn find(
     // SAFETY: per the contract.
     unsafe {
         check_width(entry, tuple);
+        let (rel, natts) = (target.rel, target.natts);
+        let Some(finder) = target.finder.as_mut() else {
+            bad_input(format!(
+                "bdr.apply_changes: {what} of table {}, described without an index to find rows by",
+                (*rel).rd_id
+            ));
+        };
         let Described { desc, io } = entry;
-        let search = target.search;
-        pg_sys::ExecClearTuple(search);
-        for i in 0..target.natts {
-            *(*search).tts_isnull.add(i) = true;
-        }
         for (i, (c, v)) in desc.columns.iter().zip(tuple).enumerate() {
             if !c.key {
                 continue;
@@ -884,38 +947,79 @@ unsafe fn find(
                     NO_ROW,
                     format!(
                         "bdr.apply_changes: {what} of table {} has no value for key column {}",
-                        (*target.rel).rd_id,
+                        (*rel).rd_id,
                         c.attnum
                     ),
                     None,
                 );
             }
-            let typmod = typmod(target, c.attnum);
-            let (d, null) = to_datum(&mut io[i], c.type_oid, typmod, v, cache_cxt);
-            let at = usize::from(c.attnum) - 1;
-            *(*search).tts_values.add(at) = d;
-            *(*search).tts_isnull.add(at) = null;
+            let at = c.attnum as i16;
+            if !finder.keys.iter().any(|k| k.attnum == at) {
+                continue;
+            }
+            let typmod = typmod(rel, natts, c.attnum);
+            let (d, _) = to_datum(&mut io[i], c.type_oid, typmod, v, cache_cxt);
+            for (k, key) in finder
+                .keys
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| k.attnum == at)
+            {
+                pg_sys::ScanKeyInit(
+                    &mut finder.scan_keys[k],
+                    (k + 1) as pg_sys::AttrNumber,
+                    pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                    key.equal,
+                    d,
+                );
+                finder.scan_keys[k].sk_collation = key.collation;
+            }
         }
-        pg_sys::ExecStoreVirtualTuple(search);
-        if desc.index == 0 {
-            bad_input(format!(
-                "bdr.apply_changes: {what} of table {}, described without an index to find rows by",
-                (*target.rel).rd_id
-            ));
-        }
-        let found = pg_sys::RelationFindReplTupleByIndex(
-            target.rel,
-            pg_sys::Oid::from(desc.index),
-            pg_sys::LockTupleMode::LockTupleExclusive,
-            search,
-            target.local,
-        );
+        let nkeys = finder.keys.len() as i32;
+        let mut dirty: pg_sys::SnapshotData = std::mem::zeroed();
+        dirty.snapshot_type = pg_sys::SnapshotType::SNAPSHOT_DIRTY;
+        let scan = pg_sys::index_beginscan(rel, finder.index, &mut dirty, nkeys, 0);
+        let found = loop {
+            pg_sys::index_rescan(
+                scan,
+                finder.scan_keys.as_mut_ptr(),
+                nkeys,
+                std::ptr::null_mut(),
+                0,
+            );
+            // A unique index: one row at most is visible.
+            if !pg_sys::index_getnext_slot(
+                scan,
+                pg_sys::ScanDirection::ForwardScanDirection,
+                target.local,
+            ) {
+                break false;
+            }
+            pg_sys::ExecMaterializeSlot(target.local);
+            // A transaction that is inserting or deleting the row: wait
+            // for it to end and look again.
+            let writer = if dirty.xmin.into_inner() != 0 {
+                dirty.xmin
+            } else {
+                dirty.xmax
+            };
+            if writer.into_inner() == 0 {
+                break true;
+            }
+            pg_sys::XactLockTableWait(
+                writer,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                pg_sys::XLTW_Oper::XLTW_None,
+            );
+        };
+        pg_sys::index_endscan(scan);
         if !found {
             raise(
                 NO_ROW,
                 format!(
                     "bdr.apply_changes: {what}: no row of table {} has the key",
-                    (*target.rel).rd_id
+                    (*rel).rd_id
                 ),
                 None,
             );
@@ -940,7 +1044,7 @@ unsafe fn find(
                 NO_ROW,
                 format!(
                     "bdr.apply_changes: {what}: the row of table {} was last written by origin {writer}, not {origin}",
-                    (*target.rel).rd_id
+                    (*rel).rd_id
                 ),
                 None,
             );
@@ -948,15 +1052,16 @@ unsafe fn find(
     }
 }
 
-/// The declared type modifier of column `attnum`.
+/// The declared type modifier of column `attnum` of `rel`, which has
+/// `natts` columns.
 ///
 /// # Safety
-/// `target` must be open and `attnum` within its columns.
-unsafe fn typmod(target: &Target, attnum: u16) -> i32 {
+/// `rel` must be open and `attnum` within its columns.
+unsafe fn typmod(rel: pg_sys::Relation, natts: usize, attnum: u16) -> i32 {
     // SAFETY: per the contract.
     unsafe {
-        let tupdesc = (*target.rel).rd_att;
-        (*tupdesc).attrs.as_slice(target.natts)[usize::from(attnum) - 1].atttypmod
+        let tupdesc = (*rel).rd_att;
+        (*tupdesc).attrs.as_slice(natts)[usize::from(attnum) - 1].atttypmod
     }
 }
 

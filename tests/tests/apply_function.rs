@@ -1,11 +1,12 @@
 //! `bdr.apply_changes` called directly, as the applier calls it: values it
 //! makes into datums itself (without the types' receive or input
 //! functions) come out as the server makes them, bad values are refused
-//! with an error naming what was wrong, and a run of INSERTs written many
-//! rows at a time is all or nothing.
+//! with an error naming what was wrong, a run of INSERTs written many
+//! rows at a time is all or nothing, and an UPDATE waits for a local
+//! transaction writing its row.
 
 use bdr_protocol::apply::{LocalColumn, LocalRelation, write_changes_head};
-use bdr_protocol::{Datum, write_insert};
+use bdr_protocol::{Datum, write_insert, write_update};
 use bdr_tests::Node;
 
 /// Every type with a datum made in the library, after the key.
@@ -57,10 +58,14 @@ fn insert(node: &Node, rows: &[Vec<Datum<'_>>]) -> Result<i64, (String, String)>
     for r in rows {
         write_insert(&mut bytes, rel.rel_id, r);
     }
-    let mut client = node.connect();
+    call(&mut node.connect(), &bytes)
+}
+
+/// Calls `bdr.apply_changes` with `changes` on `client`.
+fn call(client: &mut postgres::Client, changes: &[u8]) -> Result<i64, (String, String)> {
     match client.query_one(
         "SELECT bdr.apply_changes($1, NULL, NULL, NULL)",
-        &[&bytes.as_slice()],
+        &[&changes],
     ) {
         Ok(r) => Ok(r.get(0)),
         Err(e) => {
@@ -215,5 +220,55 @@ fn a_run_of_inserts_with_a_duplicate_key_inserts_nothing() {
     assert_eq!(
         node.safe_psql("SELECT count(*) || ' ' || sum(id) FROM v"),
         "2500 3126250"
+    );
+}
+
+#[test]
+fn an_update_waits_for_a_local_transaction_writing_its_row() {
+    let node = node();
+    node.safe_psql("INSERT INTO v (id, t) VALUES (1, 'before'), (2, 'before')");
+    let rel = relation(&node);
+    let update = |id: i64| {
+        let mut bytes = Vec::new();
+        write_changes_head(&mut bytes, std::iter::once(&rel));
+        // Column 8 is t.
+        let mut new = row(id, &[]);
+        new[7] = Datum::Text("remote");
+        write_update(&mut bytes, rel.rel_id, None, &new);
+        bytes
+    };
+    // Whether a backend waits for another transaction to end.
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE wait_event_type = 'Lock' AND wait_event = 'transactionid'";
+    for (id, local, expected) in [
+        (1, "UPDATE v SET t = 'local' WHERE id = 1", Ok(1)),
+        (2, "DELETE FROM v WHERE id = 2", Err("P0002")),
+    ] {
+        let mut writer = node.connect();
+        writer.batch_execute("BEGIN").unwrap();
+        writer.batch_execute(local).unwrap();
+        let mut applier = node.connect();
+        let changes = update(id);
+        let applying = std::thread::spawn(move || call(&mut applier, &changes));
+        node.poll_query_until(waiting, "1");
+        assert!(
+            !applying.is_finished(),
+            "the UPDATE of row {id} did not wait"
+        );
+        writer.batch_execute("COMMIT").unwrap();
+        let result = applying.join().unwrap();
+        match expected {
+            Ok(n) => assert_eq!(result, Ok(n), "row {id}"),
+            Err(code) => {
+                let (got, message) = result.expect_err("no row to update");
+                assert_eq!(got, code, "row {id}: {message}");
+                assert!(message.contains("no row of table"), "{message}");
+            }
+        }
+    }
+    // The UPDATE applied to the row the local transaction committed.
+    assert_eq!(
+        node.safe_psql("SELECT string_agg(id || ' ' || t, ',') FROM v"),
+        "1 remote"
     );
 }
