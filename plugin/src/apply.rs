@@ -976,9 +976,12 @@ unsafe fn find(
             }
         }
         let nkeys = finder.keys.len() as i32;
-        let mut dirty: pg_sys::SnapshotData = std::mem::zeroed();
-        dirty.snapshot_type = pg_sys::SnapshotType::SNAPSHOT_DIRTY;
-        let scan = pg_sys::index_beginscan(rel, finder.index, &mut dirty, nkeys, 0);
+        let mut snapshot: pg_sys::SnapshotData = std::mem::zeroed();
+        snapshot.snapshot_type = pg_sys::SnapshotType::SNAPSHOT_DIRTY;
+        // The scan writes what it saw being written into the snapshot:
+        // read it through the pointer the scan has.
+        let dirty: pg_sys::Snapshot = &raw mut snapshot;
+        let scan = pg_sys::index_beginscan(rel, finder.index, dirty, nkeys, 0);
         let found = loop {
             pg_sys::index_rescan(
                 scan,
@@ -998,10 +1001,10 @@ unsafe fn find(
             pg_sys::ExecMaterializeSlot(target.local);
             // A transaction that is inserting or deleting the row: wait
             // for it to end and look again.
-            let writer = if dirty.xmin.into_inner() != 0 {
-                dirty.xmin
+            let writer = if (*dirty).xmin.into_inner() != 0 {
+                (*dirty).xmin
             } else {
-                dirty.xmax
+                (*dirty).xmax
             };
             if writer.into_inner() == 0 {
                 break true;
