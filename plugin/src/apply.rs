@@ -494,7 +494,8 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                 Message::Update(m) => {
                     (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
                     let key = m.old.as_ref().map_or(&m.new, |o| &o.tuple);
-                    find(target, entry, key, origin, cache_cxt, "UPDATE");
+                    let lock = before_row_triggers(target.rri, false);
+                    find(target, entry, key, origin, cache_cxt, lock, "UPDATE");
                     pg_sys::slot_getallattrs(target.local);
                     let new = target.new;
                     pg_sys::ExecClearTuple(new);
@@ -532,7 +533,9 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                 }
                 Message::Delete(m) => {
                     (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-                    find(target, entry, &m.old.tuple, origin, cache_cxt, "DELETE");
+                    let lock = before_row_triggers(target.rri, true);
+                    let old = &m.old.tuple;
+                    find(target, entry, old, origin, cache_cxt, lock, "DELETE");
                     pg_sys::ExecSimpleRelationDelete(target.rri, estate, &mut *epq, target.local);
                 }
                 _ => unreachable!("checked above"),
@@ -803,6 +806,25 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
     }
 }
 
+/// Whether the table has BEFORE ROW triggers for DELETE (`delete`) or
+/// UPDATE, enabled or not: the executor then fetches and locks the row
+/// for them.
+///
+/// # Safety
+/// `rri` must be initialised for an open table.
+unsafe fn before_row_triggers(rri: *mut pg_sys::ResultRelInfo, delete: bool) -> bool {
+    // SAFETY: per the contract.
+    unsafe {
+        let desc = (*rri).ri_TrigDesc;
+        !desc.is_null()
+            && if delete {
+                (*desc).trig_delete_before_row
+            } else {
+                (*desc).trig_update_before_row
+            }
+    }
+}
+
 /// Whether a row trigger of the table fires for an INSERT in this
 /// session's replication role, as `TriggerEnabled` decides before any
 /// WHEN clause: with `session_replication_role = replica` (the applier's)
@@ -916,6 +938,10 @@ unsafe fn finder(
 /// writer that came in between and fails if that one committed, and the
 /// applier applies the transaction again through its statements. The
 /// lock would cost every change a WAL record and a tuple header write.
+/// With `lock` the row is locked as that function locks it: a table's
+/// BEFORE ROW triggers lock the row again, and a row changed in between
+/// would send them to an EvalPlanQual recheck, which needs a plan this
+/// call does not have.
 ///
 /// # Safety
 /// As for [`apply`], with `target` open.
@@ -925,6 +951,7 @@ unsafe fn find(
     tuple: &[Value<'_>],
     origin: Option<u32>,
     cache_cxt: pg_sys::MemoryContext,
+    lock: bool,
     what: &str,
 ) {
     // SAFETY: per the contract.
@@ -1006,15 +1033,45 @@ unsafe fn find(
             } else {
                 (*dirty).xmax
             };
-            if writer.into_inner() == 0 {
+            if writer.into_inner() != 0 {
+                pg_sys::XactLockTableWait(
+                    writer,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    pg_sys::XLTW_Oper::XLTW_None,
+                );
+                continue;
+            }
+            if !lock {
                 break true;
             }
-            pg_sys::XactLockTableWait(
-                writer,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                pg_sys::XLTW_Oper::XLTW_None,
+            let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
+            pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+            let locked = pg_sys::table_tuple_lock(
+                rel,
+                &raw mut (*target.local).tts_tid,
+                pg_sys::GetLatestSnapshot(),
+                target.local,
+                pg_sys::GetCurrentCommandId(false),
+                pg_sys::LockTupleMode::LockTupleExclusive,
+                pg_sys::LockWaitPolicy::LockWaitBlock,
+                0,
+                &mut failure,
             );
+            pg_sys::PopActiveSnapshot();
+            match locked {
+                pg_sys::TM_Result::TM_Ok => break true,
+                // Changed or deleted since it was found: look again.
+                pg_sys::TM_Result::TM_Updated | pg_sys::TM_Result::TM_Deleted => continue,
+                other => raise(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    format!(
+                        "bdr.apply_changes: {what}: locking the row of table {} failed (table_tuple_lock result {other})",
+                        (*rel).rd_id
+                    ),
+                    None,
+                ),
+            }
         };
         pg_sys::index_endscan(scan);
         if !found {

@@ -226,7 +226,7 @@ fn a_run_of_inserts_with_a_duplicate_key_inserts_nothing() {
 #[test]
 fn an_update_waits_for_a_local_transaction_writing_its_row() {
     let node = node();
-    node.safe_psql("INSERT INTO v (id, t) VALUES (1, 'before'), (2, 'before')");
+    node.safe_psql("INSERT INTO v (id, t) VALUES (1, 'before'), (2, 'before'), (3, 'before')");
     let rel = relation(&node);
     let update = |id: i64| {
         let mut bytes = Vec::new();
@@ -240,10 +240,19 @@ fn an_update_waits_for_a_local_transaction_writing_its_row() {
     // Whether a backend waits for another transaction to end.
     let waiting = "SELECT count(*) FROM pg_stat_activity \
                    WHERE wait_event_type = 'Lock' AND wait_event = 'transactionid'";
+    // Row 3 with a BEFORE UPDATE trigger (which fires on this session):
+    // the search locks the row for it.
+    let mark = "CREATE FUNCTION mark() RETURNS trigger LANGUAGE plpgsql AS \
+                $$ BEGIN NEW.t := NEW.t || '!'; RETURN NEW; END $$; \
+                CREATE TRIGGER mark BEFORE UPDATE ON v FOR EACH ROW EXECUTE FUNCTION mark()";
     for (id, local, expected) in [
         (1, "UPDATE v SET t = 'local' WHERE id = 1", Ok(1)),
         (2, "DELETE FROM v WHERE id = 2", Err("P0002")),
+        (3, "UPDATE v SET t = 'local' WHERE id = 3", Ok(1)),
     ] {
+        if id == 3 {
+            node.safe_psql(mark);
+        }
         let mut writer = node.connect();
         writer.batch_execute("BEGIN").unwrap();
         writer.batch_execute(local).unwrap();
@@ -266,9 +275,10 @@ fn an_update_waits_for_a_local_transaction_writing_its_row() {
             }
         }
     }
-    // The UPDATE applied to the row the local transaction committed.
+    // The UPDATEs applied to the rows the local transaction committed,
+    // the trigger's once.
     assert_eq!(
-        node.safe_psql("SELECT string_agg(id || ' ' || t, ',') FROM v"),
-        "1 remote"
+        node.safe_psql("SELECT string_agg(id || ' ' || t, ',' ORDER BY id) FROM v"),
+        "1 remote,3 remote!"
     );
 }
