@@ -22,7 +22,8 @@
 //!   or written earlier in the same transaction) is applied to, as by the
 //!   statements of the applier's no-conflict path;
 //! - a row that another transaction changed and committed between the
-//!   search and the write (the search takes no row lock, see `find`);
+//!   search and the write (the search locks the row only for tables with
+//!   BEFORE ROW triggers, see `find`);
 //! - a row that hits a unique key (unique_violation, from the index);
 //! - a NULL key value, a value that does not fit its column, a relation
 //!   whose table, columns or index no longer match the description.
