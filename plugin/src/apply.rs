@@ -982,17 +982,16 @@ unsafe fn find(
                 );
             }
             let at = c.attnum as i16;
-            if !finder.keys.iter().any(|k| k.attnum == at) {
-                continue;
-            }
-            let typmod = typmod(rel, natts, c.attnum);
-            let (d, _) = to_datum(&mut io[i], c.type_oid, typmod, v, cache_cxt);
-            for (k, key) in finder
-                .keys
-                .iter()
-                .enumerate()
-                .filter(|(_, k)| k.attnum == at)
-            {
+            // Made once, for the index columns that hold it.
+            let mut datum = None;
+            for (k, key) in finder.keys.iter().enumerate() {
+                if key.attnum != at {
+                    continue;
+                }
+                let d = *datum.get_or_insert_with(|| {
+                    let typmod = typmod(rel, natts, c.attnum);
+                    to_datum(&mut io[i], c.type_oid, typmod, v, cache_cxt).0
+                });
                 pg_sys::ScanKeyInit(
                     &mut finder.scan_keys[k],
                     (k + 1) as pg_sys::AttrNumber,

@@ -17,7 +17,7 @@
 
 use std::time::Instant;
 
-use bdr_tests::{Mesh, cpu_seconds};
+use bdr_tests::{Mesh, cpu_seconds, env_u64};
 
 const SCHEMA: &str = "CREATE TABLE bench_bulk (id int PRIMARY KEY, a int, b text, c timestamptz, d numeric, e float8)";
 
@@ -26,17 +26,10 @@ const PEEK: &str = "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('pr
     'node_name', 'probe', 'pg_version_num', '150020', 'datum_formats', 'text,binary', \
     'forward_origins', 'false')";
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let rows = env("ROWS", 1_000_000);
-    let runs = env("RUNS", 3);
-    let small = env("SMALL", 0) != 0;
+    let rows = env_u64("ROWS", 1_000_000);
+    let runs = env_u64("RUNS", 3);
+    let small = env_u64("SMALL", 0) != 0;
     let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
     for n in ["a", "b"] {
         mesh.node_mut(n).append_conf(

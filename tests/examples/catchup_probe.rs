@@ -19,23 +19,16 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bdr_tests::{Mesh, Node, bindir, cpu_of, cpu_seconds};
+use bdr_tests::{Mesh, Node, bindir, cpu_of, cpu_seconds, env_u64};
 
 /// The summed CPU seconds of the processes a query on `node` returns.
 fn cpu_of_query(node: &Node, sql: &str) -> f64 {
     cpu_of(&node.pids(sql))
 }
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let tx = env("TX", 100_000);
-    let runs = env("RUNS", 3);
+    let tx = env_u64("TX", 100_000);
+    let runs = env_u64("RUNS", 3);
     let builtin = std::env::var("SYSTEM").as_deref() == Ok("builtin");
     let mut mesh = Mesh::new(
         &["a", "b"],

@@ -25,3 +25,12 @@ pub use applier::{ApplierProcess, applier_binary, applier_command, applier_comma
 pub use mesh::Mesh;
 pub use node::{Node, bindir, pg_config, timeout};
 pub use process::{cpu_of, cpu_seconds};
+
+/// Environment variable `name` as a number, or `default` when it is unset
+/// or not one: the settings of the measurement programs in `examples/`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
