@@ -141,7 +141,20 @@ fn main() {
                 .applier("b")
                 .pid()
                 .map_or(0.0, |p| cpu_seconds(p as i32));
-            eprintln!("run {run}: b's applier {applier:.2} CPU s, its sessions {sessions:.2}");
+            let each: Vec<String> = mesh
+                .node("b")
+                .pids(
+                    "SELECT pid FROM pg_stat_activity \
+                     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+                     ORDER BY pid",
+                )
+                .iter()
+                .map(|&p| format!("{:.2}", cpu_seconds(p)))
+                .collect();
+            eprintln!(
+                "run {run}: b's applier {applier:.2} CPU s, its sessions {sessions:.2} ({})",
+                each.join(" + ")
+            );
             let walsender = cpu_of_query(
                 mesh.node("a"),
                 "SELECT pid FROM pg_stat_replication WHERE application_name = 'b'",
