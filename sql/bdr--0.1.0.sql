@@ -39,7 +39,7 @@ CREATE PROCEDURE bdr.apply_transactions(transactions bytea)
     AS 'MODULE_PATHNAME', 'apply_transactions';
 REVOKE ALL ON PROCEDURE bdr.apply_transactions(bytea) FROM PUBLIC;
 COMMENT ON PROCEDURE bdr.apply_transactions(bytea) IS
-    'applies and commits remote transactions one after the other, each as bdr.apply_changes with its end LSN and commit time (bdr-applier''s batched session); a failure leaves those before it committed';
+    'applies and commits remote transactions one after the other, each as bdr.apply_changes with its end LSN and commit time (bdr-applier''s batched session); a failure leaves those before it committed; a transaction may wait, before its commit, for one that another session applies (see PROTOCOL.md)';
 
 -- The first statement of a batch that bdr-applier sends while the one
 -- before it is still being applied: unless that one committed all of its

@@ -174,9 +174,9 @@ pub unsafe extern "C-unwind" fn apply_changes(fcinfo: pg_sys::FunctionCallInfo) 
     require_superuser("bdr.apply_changes");
     // SAFETY: a bytea argument, detoasted into the call's memory.
     let bytes = unsafe { bytea_arg(&args[0], "bdr.apply_changes: the changes") };
-    let origin = arg(3).map(|d| d.value() as u32);
+    let origin = arg(3).map(|d| [d.value() as u32]);
     // SAFETY: runs in a backend, in a transaction (a SQL function call).
-    let applied = unsafe { apply(bytes, origin) };
+    let applied = unsafe { apply(bytes, origin.as_ref().map(|o| &o[..])) };
     if let Some(end_lsn) = arg(1) {
         record_commit(
             "bdr.apply_changes",
@@ -306,6 +306,14 @@ pub extern "C" fn pg_finfo_apply_transactions() -> &'static pg_sys::Pg_finfo_rec
 /// transaction, rolled back; those before it stay committed, and the
 /// replication origin's progress tells how far that is.
 ///
+/// For sessions that apply one peer's transactions side by side, each
+/// with a replication origin of its own: a transaction may name the one
+/// before it, applied by another session, to wait for before it commits
+/// ([`wait_for`]), so that they commit in the peer's order and the
+/// highest progress among the origins is where the peer's stream is
+/// applied up to; and the other sessions' origins, whose rows its UPDATEs
+/// and DELETEs may change as well as its own origin's.
+///
 /// # Safety
 /// Called by PostgreSQL's function manager with one argument, through
 /// CALL.
@@ -357,9 +365,20 @@ pub unsafe extern "C-unwind" fn apply_transactions(
         let txn_cxt = new_context(pg_sys::CurrentMemoryContext, c"bdr apply transaction");
         for t in &txns {
             let outer = switch_to(txn_cxt);
+            // A session waiting for this transaction (`wait_for`) waits
+            // for its transaction id: there is one from the start.
+            pg_sys::GetCurrentTransactionId();
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-            apply(t.changes, t.origin);
+            let origins: Option<Vec<u32>> = t.origin.map(|o| {
+                std::iter::once(o)
+                    .chain(t.siblings.iter().copied())
+                    .collect()
+            });
+            apply(t.changes, origins.as_deref());
             pg_sys::PopActiveSnapshot();
+            if let Some(after) = &t.after {
+                wait_for(after);
+            }
             switch_to(outer);
             record_commit("bdr.apply_transactions", t.end_lsn, t.commit_time);
             pg_sys::SPI_commit();
@@ -370,11 +389,69 @@ pub unsafe extern "C-unwind" fn apply_transactions(
     pg_sys::Datum::from(0usize)
 }
 
+/// Waits until the transaction `after` names has committed: until its
+/// replication origin is at its end LSN. Meanwhile the session applying
+/// it (process `after.pid`) is waited for as a lock is, by its
+/// transaction id, so that PostgreSQL's deadlock detector sees a wait for
+/// a row this transaction wrote; between two of its transactions, or
+/// before it has one, the origin is looked at again every millisecond. A
+/// transaction that never commits (it failed, its session is gone) is
+/// waited for until the call is cancelled.
+///
+/// # Safety
+/// Must run in a backend, inside a transaction.
+unsafe fn wait_for(after: &bdr_protocol::apply::After) {
+    let Ok(origin) = pg_sys::RepOriginId::try_from(after.origin) else {
+        bad_input(format!(
+            "bdr.apply_transactions: replication origin {} waited for does not exist",
+            after.origin
+        ));
+    };
+    // SAFETY: per the contract; the PGPROC array lives in shared memory
+    // for the server's life, and a transaction id is read whole.
+    unsafe {
+        if after.pid == pg_sys::MyProcPid {
+            bad_input(format!(
+                "bdr.apply_transactions: a transaction waits for process {}, its own",
+                after.pid
+            ));
+        }
+        loop {
+            pgrx::check_for_interrupts!();
+            if pg_sys::replorigin_get_progress(origin, false) >= after.end_lsn {
+                return;
+            }
+            let proc = pg_sys::BackendPidGetProc(after.pid);
+            let xid = if proc.is_null() {
+                pg_sys::InvalidTransactionId
+            } else {
+                std::ptr::read_volatile(&raw const (*proc).xid)
+            };
+            if xid != pg_sys::InvalidTransactionId {
+                pg_sys::XactLockTableWait(
+                    xid,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    pg_sys::XLTW_Oper::XLTW_None,
+                );
+                continue;
+            }
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                1,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+    }
+}
+
 /// Applies the changes of `bytes`; how many.
 ///
 /// # Safety
 /// Must run in a backend, inside a transaction.
-unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
+unsafe fn apply(bytes: &[u8], origin: Option<&[u32]>) -> i64 {
     let (relations, start, messages) = match read_changes(bytes) {
         Ok(parts) => parts,
         Err(e) => bad_input(format!("bdr.apply_changes: {e}")),
@@ -950,7 +1027,7 @@ unsafe fn find(
     target: &mut Target,
     entry: &mut Described,
     tuple: &[Value<'_>],
-    origin: Option<u32>,
+    origin: Option<&[u32]>,
     cache_cxt: pg_sys::MemoryContext,
     lock: bool,
     what: &str,
@@ -1098,13 +1175,15 @@ unsafe fn find(
         let mut writer: pg_sys::RepOriginId = 0;
         if !null
             && pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut writer)
-            && u32::from(writer) != origin
+            && !origin.contains(&u32::from(writer))
         {
+            let expected: Vec<String> = origin.iter().map(u32::to_string).collect();
             raise(
                 NO_ROW,
                 format!(
-                    "bdr.apply_changes: {what}: the row of table {} was last written by origin {writer}, not {origin}",
-                    (*rel).rd_id
+                    "bdr.apply_changes: {what}: the row of table {} was last written by origin {writer}, not {}",
+                    (*rel).rd_id,
+                    expected.join(" or ")
                 ),
                 None,
             );

@@ -26,7 +26,7 @@ use bytes::BufMut;
 use crate::error::DecodeError;
 use crate::reader::{MAX_LENGTH, Reader};
 use crate::tuple::MAX_COLUMNS;
-use crate::varint::put_uvarint;
+use crate::varint::{put_ivarint, put_uvarint};
 use crate::{Messages, Oid, RelId};
 
 /// The version of the layout above.
@@ -166,16 +166,42 @@ pub struct Transaction<'a> {
     /// The replication origin whose rows its UPDATEs and DELETEs may
     /// change (`None`: any).
     pub origin: Option<u32>,
+    /// More replication origins whose rows they may change: those of the
+    /// other sessions applying the same peer's transactions.
+    pub siblings: Vec<u32>,
+    /// The transaction before it, applied by another session: this one
+    /// commits only once that one has.
+    pub after: Option<After>,
     /// Its changes, in the layout of `bdr.apply_changes`'s argument.
     pub changes: &'a [u8],
 }
+
+/// A transaction applied by another session, which one waits for before
+/// it commits: it has committed once the replication origin `origin` is
+/// at `end_lsn` or past it; until then the server process `pid` (which
+/// has that origin) is applying it, or about to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct After {
+    pub origin: u32,
+    pub end_lsn: u64,
+    pub pid: i32,
+}
+
+/// The flags of a transaction.
+const HAS_ORIGIN: u8 = 0x01;
+const HAS_AFTER: u8 = 0x02;
+const HAS_SIBLINGS: u8 = 0x04;
 
 /// Starts the argument of `bdr.apply_transactions`:
 ///
 /// ```text
 ///  transactions := version:u8 (1)  transaction*  (to the end)
-///  transaction  := end_lsn:uvarint  commit_time:i64  flags:u8 (0x01: origin)
-///                  [origin:uvarint]  changes:bytes (as apply_changes takes them)
+///  transaction  := end_lsn:uvarint  commit_time:i64
+///                  flags:u8 (0x01: origin, 0x02: after, 0x04: siblings)
+///                  [origin:uvarint]
+///                  [after_origin:uvarint  after_end_lsn:uvarint  after_pid:ivarint]
+///                  [count:uvarint  sibling:uvarint*]
+///                  changes:bytes (as apply_changes takes them)
 /// ```
 pub fn start_transactions<B: BufMut + ?Sized>(buf: &mut B) {
     buf.put_u8(TRANSACTIONS_VERSION);
@@ -185,9 +211,30 @@ pub fn start_transactions<B: BufMut + ?Sized>(buf: &mut B) {
 pub fn write_transaction<B: BufMut + ?Sized>(buf: &mut B, txn: &Transaction<'_>) {
     put_uvarint(buf, txn.end_lsn);
     buf.put_i64(txn.commit_time);
-    buf.put_u8(u8::from(txn.origin.is_some()));
+    let mut flags = 0;
+    if txn.origin.is_some() {
+        flags |= HAS_ORIGIN;
+    }
+    if txn.after.is_some() {
+        flags |= HAS_AFTER;
+    }
+    if !txn.siblings.is_empty() {
+        flags |= HAS_SIBLINGS;
+    }
+    buf.put_u8(flags);
     if let Some(origin) = txn.origin {
         put_uvarint(buf, u64::from(origin));
+    }
+    if let Some(after) = txn.after {
+        put_uvarint(buf, u64::from(after.origin));
+        put_uvarint(buf, after.end_lsn);
+        put_ivarint(buf, i64::from(after.pid));
+    }
+    if !txn.siblings.is_empty() {
+        put_uvarint(buf, txn.siblings.len() as u64);
+        for s in &txn.siblings {
+            put_uvarint(buf, u64::from(*s));
+        }
     }
     put_uvarint(buf, txn.changes.len() as u64);
     buf.put_slice(txn.changes);
@@ -201,17 +248,35 @@ pub fn read_transactions(buf: &[u8]) -> Result<Vec<Transaction<'_>>, DecodeError
     while r.remaining() > 0 {
         let end_lsn = r.uvarint()?;
         let commit_time = r.i64_be()?;
-        let flags = r.flags("transaction flags", 1)?;
-        let origin = if flags & 1 == 1 {
+        let flags = r.flags("transaction flags", HAS_ORIGIN | HAS_AFTER | HAS_SIBLINGS)?;
+        let origin = if flags & HAS_ORIGIN != 0 {
             Some(r.u32("origin")?)
         } else {
             None
         };
+        let after = if flags & HAS_AFTER != 0 {
+            Some(After {
+                origin: r.u32("after origin")?,
+                end_lsn: r.uvarint()?,
+                pid: r.i32("after pid")?,
+            })
+        } else {
+            None
+        };
+        let mut siblings = Vec::new();
+        if flags & HAS_SIBLINGS != 0 {
+            let count = r.count("sibling count", MAX_LENGTH, 1)?;
+            for _ in 0..count {
+                siblings.push(r.u32("sibling origin")?);
+            }
+        }
         let changes = r.bytes("changes")?;
         out.push(Transaction {
             end_lsn,
             commit_time,
             origin,
+            siblings,
+            after,
             changes,
         });
     }
@@ -279,12 +344,20 @@ mod tests {
                 end_lsn: 0x1_6b37_4d48,
                 commit_time: -5,
                 origin: Some(3),
+                siblings: vec![4, 70_000],
+                after: Some(After {
+                    origin: 4,
+                    end_lsn: 0x1_6b37_4c00,
+                    pid: 4242,
+                }),
                 changes: &[1, 0],
             },
             Transaction {
                 end_lsn: 7,
                 commit_time: 1_000_000,
                 origin: None,
+                siblings: Vec::new(),
+                after: None,
                 changes: &[],
             },
         ];

@@ -2,10 +2,15 @@
 //! makes into datums itself (without the types' receive or input
 //! functions) come out as the server makes them, bad values are refused
 //! with an error naming what was wrong, a run of INSERTs written many
-//! rows at a time is all or nothing, and an UPDATE waits for a local
-//! transaction writing its row.
+//! rows at a time is all or nothing, an UPDATE waits for a local
+//! transaction writing its row, and `bdr.apply_transactions` commits a
+//! transaction only after the one it is told to wait for, applied on
+//! another session.
 
-use bdr_protocol::apply::{LocalColumn, LocalRelation, write_changes_head};
+use bdr_protocol::apply::{
+    After, LocalColumn, LocalRelation, Transaction, start_transactions, write_changes_head,
+    write_transaction,
+};
 use bdr_protocol::{Datum, write_insert, write_update};
 use bdr_tests::Node;
 
@@ -281,4 +286,246 @@ fn an_update_waits_for_a_local_transaction_writing_its_row() {
         node.safe_psql("SELECT string_agg(id || ' ' || t, ',' ORDER BY id) FROM v"),
         "1 remote,3 remote!"
     );
+}
+
+/// Two sessions applying one peer's transactions, each with a
+/// replication origin of its own (`peer_0`, `peer_1`): their origin ids
+/// and server process ids.
+struct Sessions {
+    a: postgres::Client,
+    b: postgres::Client,
+    origin_a: u32,
+    origin_b: u32,
+    pid_a: i32,
+    pid_b: i32,
+}
+
+fn sessions(node: &Node) -> Sessions {
+    let origin = |name: &str| {
+        node.safe_psql(&format!("SELECT pg_replication_origin_create('{name}')"))
+            .parse::<u32>()
+            .unwrap()
+    };
+    let (origin_a, origin_b) = (origin("peer_0"), origin("peer_1"));
+    let session = |name: &str| {
+        let mut c = node.connect();
+        c.batch_execute(&format!(
+            "SELECT pg_replication_origin_session_setup('{name}'); \
+             SET deadlock_timeout = '100ms'; SET statement_timeout = '60s'"
+        ))
+        .unwrap();
+        let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        (c, pid)
+    };
+    let ((a, pid_a), (b, pid_b)) = (session("peer_0"), session("peer_1"));
+    Sessions {
+        a,
+        b,
+        origin_a,
+        origin_b,
+        pid_a,
+        pid_b,
+    }
+}
+
+/// The argument of `bdr.apply_changes`: an UPDATE setting `t` of row `id`.
+fn update_t(rel: &LocalRelation, id: i64, t: &'static str) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    write_changes_head(&mut bytes, std::iter::once(rel));
+    let mut new = row(id, &[]);
+    new[7] = Datum::Text(t);
+    write_update(&mut bytes, rel.rel_id, None, &new);
+    bytes
+}
+
+/// `CALL bdr.apply_transactions` with `txns` on `client`: the error's
+/// SQLSTATE and message if it failed.
+fn call_transactions(
+    client: &mut postgres::Client,
+    txns: &[Transaction<'_>],
+) -> Result<(), (String, String)> {
+    let mut bytes = Vec::new();
+    start_transactions(&mut bytes);
+    for t in txns {
+        write_transaction(&mut bytes, t);
+    }
+    client
+        .execute("CALL bdr.apply_transactions($1)", &[&bytes])
+        .map(|_| ())
+        .map_err(|e| {
+            let db = e.as_db_error().expect("an error of the server");
+            (db.code().code().to_string(), db.message().to_string())
+        })
+}
+
+/// Where replication origin `name` is.
+fn progress(node: &Node, name: &str) -> String {
+    node.safe_psql(&format!(
+        "SELECT remote_lsn FROM pg_replication_origin_status WHERE external_id = '{name}'"
+    ))
+}
+
+/// Whether process `pid` waits as `event` says (`type/event`).
+fn waits(pid: i32, event: &str) -> String {
+    format!(
+        "SELECT wait_event_type || '/' || wait_event = '{event}' FROM pg_stat_activity WHERE pid = {pid}"
+    )
+}
+
+#[test]
+fn a_transaction_commits_after_the_one_it_waits_for() {
+    let node = node();
+    node.safe_psql("INSERT INTO v (id, t) VALUES (1, 'before'), (2, 'before')");
+    let rel = relation(&node);
+    let Sessions {
+        mut a,
+        mut b,
+        origin_a,
+        origin_b,
+        pid_a,
+        pid_b,
+    } = sessions(&node);
+    let txn = move |end_lsn: u64, changes: &'static [u8], after: Option<u64>| Transaction {
+        end_lsn,
+        commit_time: 0,
+        origin: None,
+        siblings: Vec::new(),
+        after: after.map(|end_lsn| After {
+            origin: origin_a,
+            end_lsn,
+            pid: pid_a,
+        }),
+        changes,
+    };
+    let leak = |v: Vec<u8>| -> &'static [u8] { v.leak() };
+    let first = leak(update_t(&rel, 1, "first"));
+    let second = leak(update_t(&rel, 2, "second"));
+
+    // B's transaction waits for A's (end LSN 0/100), which has not begun:
+    // B looks at A's origin again and again.
+    let waiting = std::thread::spawn(move || {
+        let r = call_transactions(&mut b, &[txn(0x200, second, Some(0x100))]);
+        (b, r)
+    });
+    node.poll_query_until(&waits(pid_b, "Extension/Extension"), "t");
+    // A applies it in a transaction block: B now waits for its
+    // transaction id, as for a lock.
+    a.batch_execute("BEGIN").unwrap();
+    a.query_one(
+        "SELECT bdr.apply_changes($1, '0/100', now(), NULL)",
+        &[&first],
+    )
+    .unwrap();
+    node.poll_query_until(&waits(pid_b, "Lock/transactionid"), "t");
+    assert!(!waiting.is_finished(), "B committed before A");
+    assert_eq!(progress(&node, "peer_1"), "0/0");
+    a.batch_execute("COMMIT").unwrap();
+    let (mut b, result) = waiting.join().unwrap();
+    assert_eq!(result, Ok(()));
+    assert_eq!(progress(&node, "peer_0"), "0/100");
+    assert_eq!(progress(&node, "peer_1"), "0/200");
+    assert_eq!(
+        node.safe_psql("SELECT string_agg(id || ' ' || t, ',' ORDER BY id) FROM v"),
+        "1 first,2 second"
+    );
+
+    // A transaction that A rolls back is waited for until B is cancelled,
+    // and B commits nothing.
+    let waiting = std::thread::spawn(move || {
+        let r = call_transactions(&mut b, &[txn(0x400, second, Some(0x300))]);
+        (b, r)
+    });
+    a.batch_execute("BEGIN").unwrap();
+    a.query_one(
+        "SELECT bdr.apply_changes($1, '0/300', now(), NULL)",
+        &[&first],
+    )
+    .unwrap();
+    node.poll_query_until(&waits(pid_b, "Lock/transactionid"), "t");
+    a.batch_execute("ROLLBACK").unwrap();
+    node.poll_query_until(&waits(pid_b, "Extension/Extension"), "t");
+    assert!(!waiting.is_finished(), "B committed after A rolled back");
+    node.safe_psql(&format!("SELECT pg_cancel_backend({pid_b})"));
+    let (mut b, result) = waiting.join().unwrap();
+    let (code, message) = result.expect_err("cancelled");
+    assert_eq!(code, "57014", "{message}");
+    assert_eq!(progress(&node, "peer_1"), "0/200");
+
+    // Rows last written through A's origin are B's peer's too when B is
+    // told A's origin is a sibling of its own.
+    let mut by_b = txn(0x500, first, None);
+    by_b.origin = Some(origin_b);
+    let (code, message) =
+        call_transactions(&mut b, std::slice::from_ref(&by_b)).expect_err("another origin");
+    assert_eq!(code, "P0002", "{message}");
+    assert!(
+        message.contains(&format!(
+            "last written by origin {origin_a}, not {origin_b}"
+        )),
+        "{message}"
+    );
+    by_b.siblings = vec![origin_a];
+    assert_eq!(call_transactions(&mut b, &[by_b]), Ok(()));
+    assert_eq!(progress(&node, "peer_1"), "0/500");
+}
+
+#[test]
+fn a_wait_for_a_transaction_that_waits_for_a_row_is_a_deadlock() {
+    let node = node();
+    node.safe_psql("INSERT INTO v (id, t) VALUES (1, 'before')");
+    let rel = relation(&node);
+    let Sessions {
+        mut a,
+        mut b,
+        origin_a,
+        pid_a,
+        pid_b,
+        ..
+    } = sessions(&node);
+    let first: &'static [u8] = update_t(&rel, 1, "first").leak();
+    let second: &'static [u8] = update_t(&rel, 1, "second").leak();
+    // B applies the later transaction first: it writes row 1, then waits
+    // for A's transaction, which then waits for row 1.
+    let later = Transaction {
+        end_lsn: 0x200,
+        commit_time: 0,
+        origin: None,
+        siblings: Vec::new(),
+        after: Some(After {
+            origin: origin_a,
+            end_lsn: 0x100,
+            pid: pid_a,
+        }),
+        changes: second,
+    };
+    let waiting = std::thread::spawn(move || call_transactions(&mut b, &[later]));
+    node.poll_query_until(&waits(pid_b, "Extension/Extension"), "t");
+    let earlier = Transaction {
+        end_lsn: 0x100,
+        commit_time: 0,
+        origin: None,
+        siblings: Vec::new(),
+        after: None,
+        changes: first,
+    };
+    let result_a = call_transactions(&mut a, &[earlier]);
+    // PostgreSQL's deadlock detector ends one of them. If it is A, B
+    // waits on for a transaction that will not commit, until cancelled.
+    let result_b = match &result_a {
+        Ok(()) => waiting.join().unwrap(),
+        Err(_) => {
+            node.poll_query_until(&waits(pid_b, "Extension/Extension"), "t");
+            node.safe_psql(&format!("SELECT pg_cancel_backend({pid_b})"));
+            waiting.join().unwrap()
+        }
+    };
+    let codes = [&result_a, &result_b].map(|r| r.as_ref().err().map(|e| e.0.clone()));
+    assert!(
+        codes.contains(&Some("40P01".to_string())),
+        "no deadlock detected: A {result_a:?}, B {result_b:?}"
+    );
+    // Nothing of the failed ones committed.
+    let expected = if result_a.is_ok() { "first" } else { "before" };
+    assert_eq!(node.safe_psql("SELECT t FROM v WHERE id = 1"), expected);
+    assert_eq!(progress(&node, "peer_1"), "0/0");
 }

@@ -417,6 +417,8 @@ impl Batch {
                 end_lsn,
                 commit_time,
                 origin: self.server.origin,
+                siblings: Vec::new(),
+                after: None,
                 changes: &self.server.payload,
             },
         );
