@@ -41,6 +41,18 @@ REVOKE ALL ON PROCEDURE bdr.apply_transactions(bytea) FROM PUBLIC;
 COMMENT ON PROCEDURE bdr.apply_transactions(bytea) IS
     'applies and commits remote transactions one after the other, each as bdr.apply_changes with its end LSN and commit time (bdr-applier''s batched session); a failure leaves those before it committed; a transaction may wait, before its commit, for one that another session applies (see PROTOCOL.md)';
 
+-- Waits until the transaction that another apply session (with
+-- replication origin `origin`) applies up to `end_lsn` has committed:
+-- bdr-applier sends it in a transaction it applies as statements while
+-- another session applies the one before.
+CREATE FUNCTION bdr.apply_wait(origin oid, end_lsn pg_lsn)
+    RETURNS void
+    LANGUAGE c STRICT VOLATILE
+    AS 'MODULE_PATHNAME', 'apply_wait';
+REVOKE ALL ON FUNCTION bdr.apply_wait(oid, pg_lsn) FROM PUBLIC;
+COMMENT ON FUNCTION bdr.apply_wait(oid, pg_lsn) IS
+    'waits until replication origin origin is at end_lsn: the transaction before this one, of another apply session, committed (bdr-applier, parallel apply)';
+
 -- The first statement of a batch that bdr-applier sends while the one
 -- before it is still being applied: unless that one committed all of its
 -- transactions, this raises, and the server skips the rest of the batch.
@@ -269,15 +281,16 @@ COMMENT ON FUNCTION bdr.set_conflict_history(boolean) IS
     'turns the writing of bdr.conflict_history on or off on this node';
 
 -- The node id of a replication origin: the peer named bdr_<16 hex> for
--- the applier's origins, this node for 0 (local writes), NULL otherwise.
+-- the applier's origins (bdr_<16 hex>_<n> for its further apply
+-- sessions), this node for 0 (local writes), NULL otherwise.
 CREATE FUNCTION bdr.origin_node_id(roident oid) RETURNS bigint
     LANGUAGE sql STABLE STRICT
     AS $$
     SELECT CASE WHEN roident = 0 THEN bdr.local_node_id()
-           ELSE (SELECT ('x' || substr(o.roname, 5))::bit(64)::bigint
+           ELSE (SELECT ('x' || substr(o.roname, 5, 16))::bit(64)::bigint
                    FROM pg_catalog.pg_replication_origin o
                   WHERE o.roident = origin_node_id.roident
-                    AND o.roname ~ '^bdr_[0-9a-f]{16}$')
+                    AND o.roname ~ '^bdr_[0-9a-f]{16}(_[0-9]+)?$')
            END
     $$;
 

@@ -17,6 +17,8 @@ pub struct LocalNode {
     pub config: Config,
     /// Whether each transaction's statements are pipelined.
     pub apply_pipeline: bool,
+    /// Whether two batched sessions apply side by side.
+    pub parallel_apply: bool,
 }
 
 /// A peer to stream from.
@@ -74,6 +76,7 @@ pub async fn local_node(
         pg_version_num: row.get::<_, i32>(1) as u32,
         config,
         apply_pipeline: true,
+        parallel_apply: false,
     })
 }
 

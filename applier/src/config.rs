@@ -6,6 +6,7 @@
 //! node_name = "a"
 //! dsn = "host=127.0.0.1 port=5501 dbname=postgres user=postgres"
 //! # apply_pipeline = false   # one statement at a time (default true)
+//! # parallel_apply = true    # two batched sessions per peer (default false)
 //! ```
 
 use std::path::Path;
@@ -23,6 +24,8 @@ pub struct FileSettings {
     pub dsn: Option<String>,
     /// Whether changes are pipelined (default true).
     pub apply_pipeline: Option<bool>,
+    /// Whether two batched sessions apply side by side (default false).
+    pub parallel_apply: Option<bool>,
 }
 
 /// Resolved settings.
@@ -34,6 +37,10 @@ pub struct Settings {
     /// Send a transaction's statements without waiting for each one (see
     /// the applier's `apply` module); off applies one statement at a time.
     pub apply_pipeline: bool,
+    /// Apply a peer's transactions on two batched sessions side by side,
+    /// committing in the peer's order (see the applier's `apply::batch`);
+    /// off: one.
+    pub parallel_apply: bool,
 }
 
 /// Errors in the settings, naming where the bad value came from.
@@ -83,6 +90,7 @@ impl Settings {
         node_name: Option<String>,
         dsn: Option<String>,
         apply_pipeline: Option<bool>,
+        parallel_apply: Option<bool>,
     ) -> Result<Self, SettingsError> {
         let node_name = node_name
             .or(file.node_name)
@@ -99,6 +107,7 @@ impl Settings {
             dsn,
             local,
             apply_pipeline: apply_pipeline.or(file.apply_pipeline).unwrap_or(true),
+            parallel_apply: parallel_apply.or(file.parallel_apply).unwrap_or(false),
         })
     }
 }
@@ -111,21 +120,35 @@ mod tests {
     fn flags_win_over_the_file() {
         let file: FileSettings =
             toml::from_str("node_name = \"a\"\ndsn = \"host=h1\"").expect("toml");
-        let s = Settings::resolve(file, Some("b".into()), None, None).expect("settings");
+        let s = Settings::resolve(file, Some("b".into()), None, None, None).expect("settings");
         assert_eq!(s.node_name, "b");
         assert_eq!(s.dsn, "host=h1");
         assert!(s.apply_pipeline);
-        let file: FileSettings =
-            toml::from_str("node_name = \"a\"\ndsn = \"host=h1\"\napply_pipeline = false")
-                .expect("toml");
-        let s = Settings::resolve(file, None, None, None).expect("settings");
+        assert!(!s.parallel_apply);
+        let file: FileSettings = toml::from_str(
+            "node_name = \"a\"\ndsn = \"host=h1\"\napply_pipeline = false\nparallel_apply = true",
+        )
+        .expect("toml");
+        let s = Settings::resolve(file, None, None, None, None).expect("settings");
         assert!(!s.apply_pipeline);
+        assert!(s.parallel_apply);
+        let file: FileSettings =
+            toml::from_str("node_name = \"a\"\ndsn = \"host=h1\"\nparallel_apply = true")
+                .expect("toml");
+        let s = Settings::resolve(file, None, None, None, Some(false)).expect("settings");
+        assert!(!s.parallel_apply);
     }
 
     #[test]
     fn missing_and_unknown_settings_are_named() {
-        let err = Settings::resolve(FileSettings::default(), None, Some("host=h".into()), None)
-            .unwrap_err();
+        let err = Settings::resolve(
+            FileSettings::default(),
+            None,
+            Some("host=h".into()),
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("--node-name"), "{err}");
         let err = toml::from_str::<FileSettings>("nodename = \"a\"").unwrap_err();
         assert!(err.to_string().contains("nodename"), "{err}");
@@ -133,6 +156,7 @@ mod tests {
             FileSettings::default(),
             Some("a".into()),
             Some("port=x".into()),
+            None,
             None,
         )
         .unwrap_err();

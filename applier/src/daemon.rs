@@ -29,11 +29,13 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> any
     let mut local =
         catalog::local_node(&watcher.client, &settings.node_name, settings.local.clone()).await?;
     local.apply_pipeline = settings.apply_pipeline;
+    local.parallel_apply = settings.parallel_apply;
     let local = Arc::new(local);
     info!(
         node = %local.name,
         node_id = format!("{:016x}", local.node_id),
         pipeline = local.apply_pipeline,
+        parallel = local.parallel_apply,
         "applier started"
     );
     let mut running: HashMap<String, Running> = HashMap::new();

@@ -30,6 +30,12 @@ struct Cli {
     #[arg(long, global = true, env = "BDR_APPLY_PIPELINE", value_name = "on|off",
           value_parser = clap::builder::BoolishValueParser::new())]
     apply_pipeline: Option<bool>,
+    /// Apply each peer's transactions on two batched sessions side by
+    /// side, committing in the peer's order (on), or on one (off, the
+    /// default).
+    #[arg(long, global = true, env = "BDR_PARALLEL_APPLY", value_name = "on|off",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    parallel_apply: Option<bool>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,7 +83,13 @@ fn main() -> anyhow::Result<()> {
         Some(path) => FileSettings::read(path)?,
         None => FileSettings::default(),
     };
-    let settings = Settings::resolve(file, cli.node_name, cli.dsn, cli.apply_pipeline)?;
+    let settings = Settings::resolve(
+        file,
+        cli.node_name,
+        cli.dsn,
+        cli.apply_pipeline,
+        cli.parallel_apply,
+    )?;
     // The multi-thread runtime: a one-thread runtime saved 15-20% of the
     // applier's CPU at low rates (a transaction or two per batch) but cost
     // more per transaction in a catch-up (median 3.8 µs against 3.3) and

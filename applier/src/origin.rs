@@ -20,6 +20,26 @@ pub fn name_for(node: NodeId) -> String {
     format!("bdr_{node:016x}")
 }
 
+/// The name of the origin of the second session applying `peer`'s
+/// transactions (parallel apply, see the applier's `apply::batch`).
+pub fn lane_name_for(node: NodeId) -> String {
+    format!("{}_1", name_for(node))
+}
+
+/// The durable progress of a peer's transactions, given the name of its
+/// origin: the highest among that origin and the origins of the further
+/// sessions applying them (named after it, `_<n>`). Those sessions commit
+/// in the peer's order, so every transaction up to there is applied. The
+/// function flushes the local WAL up to it.
+pub(crate) const PEER_PROGRESS: &str =
+    "SELECT max(pg_catalog.pg_replication_origin_progress(roname, true))
+       FROM pg_catalog.pg_replication_origin
+      WHERE roname = $1 OR pg_catalog.starts_with(roname, $1 || '_')";
+
+/// Creates the origin named `$1` if it is missing.
+pub(crate) const CREATE_ORIGIN: &str = "SELECT pg_catalog.pg_replication_origin_create($1)
+              WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)";
+
 /// The settings of every session that applies remote transactions:
 /// triggers and foreign keys behave as on a replica; a commit does not
 /// wait for the WAL flush (nor for this node's synchronous standbys): the
@@ -29,21 +49,15 @@ pub(crate) const APPLY_SETTINGS: &str =
     "SET session_replication_role = replica; SET synchronous_commit = off";
 
 /// Creates the origin for `peer` if missing, binds the session of `client`
-/// to it, makes the session apply as a replica, and returns the origin's
-/// durable progress (the end LSN of the last applied transaction; invalid
-/// when nothing was applied yet).
+/// to it, makes the session apply as a replica, and returns the peer's
+/// durable progress (the end LSN of the last applied transaction, see
+/// [`PEER_PROGRESS`]; invalid when nothing was applied yet).
 pub(crate) async fn bind_session(
     client: &Client,
     peer: NodeId,
 ) -> Result<Lsn, tokio_postgres::Error> {
     let name = name_for(peer);
-    client
-        .execute(
-            "SELECT pg_catalog.pg_replication_origin_create($1)
-              WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)",
-            &[&name],
-        )
-        .await?;
+    client.execute(CREATE_ORIGIN, &[&name]).await?;
     client
         .execute(
             "SELECT pg_catalog.pg_replication_origin_session_setup($1)",
@@ -51,12 +65,7 @@ pub(crate) async fn bind_session(
         )
         .await?;
     client.batch_execute(APPLY_SETTINGS).await?;
-    let row = client
-        .query_one(
-            "SELECT pg_catalog.pg_replication_origin_progress($1, true)",
-            &[&name],
-        )
-        .await?;
+    let row = client.query_one(PEER_PROGRESS, &[&name]).await?;
     let progress: Option<PgLsn> = row.try_get(0)?;
     Ok(progress.map_or(Lsn::INVALID, |p| Lsn(u64::from(p))))
 }
@@ -69,5 +78,6 @@ mod tests {
     fn names_are_fixed_width_hex() {
         assert_eq!(name_for(0xaa), "bdr_00000000000000aa");
         assert_eq!(name_for(u64::MAX), "bdr_ffffffffffffffff");
+        assert_eq!(lane_name_for(0xaa), "bdr_00000000000000aa_1");
     }
 }

@@ -248,13 +248,19 @@ async fn session(
         peer_name: peer.name.as_str().into(),
     };
     let batched = (local.apply_pipeline && batching_enabled()).then_some(&local.config);
-    let applier = Applier::new(client, ends, local.apply_pipeline, batched)
-        .await
-        .map_err(|source| SessionError::Apply {
-            lsn: start,
-            txn: None,
-            source,
-        })?;
+    let applier = Applier::new(
+        client,
+        ends,
+        local.apply_pipeline,
+        batched,
+        local.parallel_apply,
+    )
+    .await
+    .map_err(|source| SessionError::Apply {
+        lsn: start,
+        txn: None,
+        source,
+    })?;
     let mut state = Session {
         stream,
         applier,

@@ -42,14 +42,18 @@ pub async fn run(settings: &Settings) -> anyhow::Result<String> {
         };
         let applied = client
             .query_opt(
-                "SELECT s.remote_lsn::text FROM bdr.nodes n
+                "SELECT max(s.remote_lsn)::text FROM bdr.nodes n
                    JOIN pg_catalog.pg_replication_origin_status s
                      ON s.external_id = 'bdr_' || lpad(to_hex(n.node_id), 16, '0')
+                     OR pg_catalog.starts_with(s.external_id,
+                                               'bdr_' || lpad(to_hex(n.node_id), 16, '0') || '_')
                   WHERE n.node_name = $1",
                 &[&peer.name],
             )
             .await?;
-        st.applied = applied.map_or_else(|| "-".into(), |r| r.get::<_, String>(0));
+        st.applied = applied
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .unwrap_or_else(|| "-".into());
         match connect(&peer.config).await {
             Err(e) => st.connected = format!("peer unreachable: {e}"),
             Ok(remote) => fill_from_peer(&remote, &settings.node_name, &mut st).await?,

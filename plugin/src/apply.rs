@@ -292,6 +292,38 @@ pub unsafe extern "C-unwind" fn apply_check_progress(
     pg_sys::Datum::from(0usize)
 }
 
+/// `pg_finfo` record of [`apply_wait`].
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_apply_wait() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `bdr.apply_wait(origin oid, end_lsn pg_lsn) RETURNS void` (STRICT):
+/// waits as a transaction of `bdr.apply_transactions` waits for the one
+/// before it ([`wait_for`]), for a transaction that the applier sends as
+/// statements.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with two arguments.
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn apply_wait(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: the function manager passes a valid call with two
+    // arguments, not NULL (STRICT); oid and pg_lsn are passed by value.
+    let after = unsafe {
+        let args = (*fcinfo).args.as_slice(2);
+        bdr_protocol::apply::After {
+            origin: args[0].value.value() as u32,
+            end_lsn: args[1].value.value() as u64,
+        }
+    };
+    require_superuser("bdr.apply_wait");
+    // SAFETY: in a backend, in a transaction (a SQL function call).
+    unsafe { wait_for(&after) };
+    pg_sys::Datum::from(0usize)
+}
+
 /// `pg_finfo` record of [`apply_transactions`].
 #[unsafe(no_mangle)]
 pub extern "C" fn pg_finfo_apply_transactions() -> &'static pg_sys::Pg_finfo_record {
@@ -311,8 +343,9 @@ pub extern "C" fn pg_finfo_apply_transactions() -> &'static pg_sys::Pg_finfo_rec
 /// before it, applied by another session, to wait for before it commits
 /// ([`wait_for`]), so that they commit in the peer's order and the
 /// highest progress among the origins is where the peer's stream is
-/// applied up to; and the other sessions' origins, whose rows its UPDATEs
-/// and DELETEs may change as well as its own origin's.
+/// applied up to (an ordered one holds the lock such a wait waits for);
+/// and the other sessions' origins, whose rows its UPDATEs and DELETEs
+/// may change as well as its own origin's.
 ///
 /// # Safety
 /// Called by PostgreSQL's function manager with one argument, through
@@ -363,11 +396,25 @@ pub unsafe extern "C-unwind" fn apply_transactions(
             );
         }
         let txn_cxt = new_context(pg_sys::CurrentMemoryContext, c"bdr apply transaction");
-        for t in &txns {
+        // Order locks left by a call that failed, and released when this
+        // one fails (the error unwinds through the guard).
+        release_order_locks(usize::MAX);
+        let _release = OrderLocksGuard;
+        let session = u32::from(pg_sys::replorigin_session_origin);
+        let mut locked = 0;
+        for (i, t) in txns.iter().enumerate() {
             let outer = switch_to(txn_cxt);
-            // A session waiting for this transaction (`wait_for`) waits
-            // for its transaction id: there is one from the start.
-            pg_sys::GetCurrentTransactionId();
+            // What a transaction of another session waits for
+            // (`wait_for`): taken for the next few transactions already,
+            // so that one waiting for them finds them taken as soon as
+            // this session has the call, held by each until it commits.
+            while locked < txns.len() && locked <= i + ORDER_AHEAD {
+                let next = &txns[locked];
+                if next.ordered {
+                    take_order_lock(order_lock(session, next.end_lsn));
+                }
+                locked += 1;
+            }
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
             let origins: Option<Vec<u32>> = t.origin.map(|o| {
                 std::iter::once(o)
@@ -382,6 +429,9 @@ pub unsafe extern "C-unwind" fn apply_transactions(
             switch_to(outer);
             record_commit("bdr.apply_transactions", t.end_lsn, t.commit_time);
             pg_sys::SPI_commit();
+            if t.ordered {
+                release_order_locks(1);
+            }
             pg_sys::MemoryContextReset(txn_cxt);
         }
         pg_sys::SPI_finish();
@@ -389,14 +439,83 @@ pub unsafe extern "C-unwind" fn apply_transactions(
     pg_sys::Datum::from(0usize)
 }
 
+/// How many times [`wait_for`] looks at the other session's progress
+/// before it sleeps, with [`SPIN_PAUSES`] spin-loop pauses in between
+/// (some tens of microseconds in all).
+const SPIN_LOOKS: usize = 200;
+const SPIN_PAUSES: usize = 64;
+
+/// How many transactions past the one being applied hold their order
+/// locks already.
+const ORDER_AHEAD: usize = 4;
+
+thread_local! {
+    /// The order locks this session holds, oldest first: session locks,
+    /// which outlive the commits in between (and a failed call, until the
+    /// next call or the session's end).
+    static ORDER_LOCKS: RefCell<std::collections::VecDeque<pg_sys::LOCKTAG>> =
+        const { RefCell::new(std::collections::VecDeque::new()) };
+}
+
+/// Releases the session's order locks when a call of
+/// `bdr.apply_transactions` ends, by an error too.
+struct OrderLocksGuard;
+
+impl Drop for OrderLocksGuard {
+    fn drop(&mut self) {
+        // SAFETY: in the backend that took them.
+        unsafe { release_order_locks(usize::MAX) };
+    }
+}
+
+/// Takes an order lock for the session.
+///
+/// # Safety
+/// Must run in a backend, in a transaction.
+unsafe fn take_order_lock(tag: pg_sys::LOCKTAG) {
+    // SAFETY: per the contract.
+    unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, true, false) };
+    ORDER_LOCKS.with_borrow_mut(|held| held.push_back(tag));
+}
+
+/// Releases the `n` oldest order locks of the session (all of them for
+/// `usize::MAX`).
+///
+/// # Safety
+/// Must run in a backend.
+unsafe fn release_order_locks(n: usize) {
+    for _ in 0..n {
+        let Some(tag) = ORDER_LOCKS.with_borrow_mut(|held| held.pop_front()) else {
+            return;
+        };
+        // SAFETY: per the contract; the session holds it.
+        unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as i32, true) };
+    }
+}
+
+/// The lock an ordered transaction of `bdr.apply_transactions` holds
+/// while it applies (see [`wait_for`]): named after its session's
+/// replication origin and its end LSN, of the type no part of PostgreSQL
+/// takes (`userlock` in `pg_locks`), in this database.
+fn order_lock(origin: u32, end_lsn: u64) -> pg_sys::LOCKTAG {
+    pg_sys::LOCKTAG {
+        // SAFETY: a backend global, set once the backend has a database.
+        locktag_field1: u32::from(unsafe { pg_sys::MyDatabaseId }),
+        locktag_field2: (end_lsn >> 32) as u32,
+        locktag_field3: end_lsn as u32,
+        locktag_field4: origin as u16,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_USERLOCK as u8,
+        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+    }
+}
+
 /// Waits until the transaction `after` names has committed: until its
-/// replication origin is at its end LSN. Meanwhile the session applying
-/// it (process `after.pid`) is waited for as a lock is, by its
-/// transaction id, so that PostgreSQL's deadlock detector sees a wait for
-/// a row this transaction wrote; between two of its transactions, or
-/// before it has one, the origin is looked at again every millisecond. A
-/// transaction that never commits (it failed, its session is gone) is
-/// waited for until the call is cancelled.
+/// session's replication origin is at its end LSN. While that
+/// transaction applies, it holds its [`order_lock`], which is waited for
+/// as any lock is, so that PostgreSQL's deadlock detector sees a cycle
+/// with a row lock; before it has begun, the origin is looked at again
+/// every millisecond. A transaction that never commits (it failed, its
+/// session is gone) is waited for until the call is cancelled.
 ///
 /// # Safety
 /// Must run in a backend, inside a transaction.
@@ -407,35 +526,43 @@ unsafe fn wait_for(after: &bdr_protocol::apply::After) {
             after.origin
         ));
     };
-    // SAFETY: per the contract; the PGPROC array lives in shared memory
-    // for the server's life, and a transaction id is read whole.
+    // SAFETY: per the contract.
     unsafe {
-        if after.pid == pg_sys::MyProcPid {
+        if origin == pg_sys::replorigin_session_origin {
             bad_input(format!(
-                "bdr.apply_transactions: a transaction waits for process {}, its own",
-                after.pid
+                "bdr.apply_transactions: a transaction waits for one of its own session (origin {origin})"
             ));
+        }
+        let tag = order_lock(after.origin, after.end_lsn);
+        let share = pg_sys::ShareLock as i32;
+        // The other session is most often about to commit it: look
+        // again for a few microseconds before going to sleep (waking a
+        // sleeping process costs both more than that).
+        for _ in 0..SPIN_LOOKS {
+            if pg_sys::replorigin_get_progress(origin, false) >= after.end_lsn {
+                return;
+            }
+            for _ in 0..SPIN_PAUSES {
+                std::hint::spin_loop();
+            }
         }
         loop {
             pgrx::check_for_interrupts!();
             if pg_sys::replorigin_get_progress(origin, false) >= after.end_lsn {
                 return;
             }
-            let proc = pg_sys::BackendPidGetProc(after.pid);
-            let xid = if proc.is_null() {
-                pg_sys::InvalidTransactionId
-            } else {
-                std::ptr::read_volatile(&raw const (*proc).xid)
-            };
-            if xid != pg_sys::InvalidTransactionId {
-                pg_sys::XactLockTableWait(
-                    xid,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    pg_sys::XLTW_Oper::XLTW_None,
-                );
+            let taken = pg_sys::LockAcquire(&tag, share, false, true);
+            if taken == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
+                // It is applying: wait for it to end, then look again.
+                pg_sys::LockAcquire(&tag, share, false, false);
+                pg_sys::LockRelease(&tag, share, false);
                 continue;
             }
+            pg_sys::LockRelease(&tag, share, false);
+            if pg_sys::replorigin_get_progress(origin, false) >= after.end_lsn {
+                return;
+            }
+            // Not begun yet.
             pg_sys::WaitLatch(
                 pg_sys::MyLatch,
                 (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,

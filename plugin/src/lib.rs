@@ -49,8 +49,11 @@ fn local_node_id() -> i64 {
 /// record is not known (in progress, aborted, frozen, or older than the
 /// commit timestamp data). What `(pg_xact_commit_timestamp_origin(xid)).roident`
 /// gives, without building a record per call: the applier checks it for
-/// every row it updates or deletes. A plain version-1 C function, since
-/// pgrx's argument conversion does not take `xid`.
+/// every row it updates or deletes. An origin of one of the applier's
+/// further apply sessions for a peer (`bdr_<peer>_<n>`) is given as the
+/// peer's own (`bdr_<peer>`): both hold that peer's transactions. A plain
+/// version-1 C function, since pgrx's argument conversion does not take
+/// `xid`.
 #[unsafe(no_mangle)]
 pub extern "C" fn pg_finfo_xact_origin() -> &'static pg_sys::Pg_finfo_record {
     static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
@@ -75,9 +78,40 @@ pub unsafe extern "C-unwind" fn xact_origin(fcinfo: pg_sys::FunctionCallInfo) ->
     // SAFETY: a lookup in the commit timestamp SLRU; errors (commit
     // timestamps off, invalid xid) are raised as PostgreSQL ERRORs.
     if unsafe { pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut origin) } {
-        pg_sys::Datum::from(u32::from(origin))
+        // SAFETY: catalog lookups in a transaction.
+        pg_sys::Datum::from(u32::from(unsafe { peer_origin(origin) }))
     } else {
         fcinfo.isnull = true;
         pg_sys::Datum::from(0usize)
+    }
+}
+
+/// The peer's own replication origin when `origin` is one of the
+/// applier's further origins for that peer (`bdr_<16 hex digits>_<n>`),
+/// else `origin`.
+///
+/// # Safety
+/// Must run in a backend, in a transaction.
+unsafe fn peer_origin(origin: pg_sys::RepOriginId) -> pg_sys::RepOriginId {
+    if origin == 0 {
+        return origin;
+    }
+    let mut name: *mut std::ffi::c_char = std::ptr::null_mut();
+    // SAFETY: per the contract; the name is palloc'd by the lookup.
+    unsafe {
+        if !pg_sys::replorigin_by_oid(origin, true, &mut name) || name.is_null() {
+            return origin;
+        }
+        let bytes = std::ffi::CStr::from_ptr(name).to_bytes();
+        let Some(peer) = node::lane_origin_peer(bytes) else {
+            return origin;
+        };
+        let Ok(peer) = std::ffi::CString::new(peer) else {
+            return origin;
+        };
+        match pg_sys::replorigin_by_name(peer.as_ptr(), true) {
+            0 => origin,
+            id => id,
+        }
     }
 }

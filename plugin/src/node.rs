@@ -69,3 +69,36 @@ pub fn parse_peer_name(name: &str) -> Option<NodeId> {
 pub fn origin_node_id(origin_name: &str) -> NodeId {
     parse_peer_name(origin_name).unwrap_or_else(|| fnv1a64(origin_name.as_bytes()))
 }
+
+/// The name of the peer's own replication origin (`bdr_<16 hex digits>`)
+/// when `name` is one of the applier's further origins for that peer
+/// (that name, `_`, and a number).
+pub fn lane_origin_peer(name: &[u8]) -> Option<&[u8]> {
+    const PEER: usize = 4 + 16;
+    let (peer, rest) = (name.get(..PEER)?, name.get(PEER..)?);
+    let hex = &peer[4..];
+    let ok = peer.starts_with(b"bdr_")
+        && hex.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+        && rest.len() > 1
+        && rest[0] == b'_'
+        && rest[1..].iter().all(u8::is_ascii_digit);
+    ok.then_some(peer)
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::lane_origin_peer;
+
+    #[test]
+    fn lane_origins_name_their_peer() {
+        assert_eq!(
+            lane_origin_peer(b"bdr_00000000000000aa_1"),
+            Some(&b"bdr_00000000000000aa"[..])
+        );
+        assert_eq!(lane_origin_peer(b"bdr_00000000000000aa"), None);
+        assert_eq!(lane_origin_peer(b"bdr_00000000000000aa_"), None);
+        assert_eq!(lane_origin_peer(b"bdr_00000000000000aa_x"), None);
+        assert_eq!(lane_origin_peer(b"bdr_00000000000000AA_1"), None);
+        assert_eq!(lane_origin_peer(b"pg_16384"), None);
+    }
+}

@@ -26,7 +26,7 @@ use bytes::BufMut;
 use crate::error::DecodeError;
 use crate::reader::{MAX_LENGTH, Reader};
 use crate::tuple::MAX_COLUMNS;
-use crate::varint::{put_ivarint, put_uvarint};
+use crate::varint::put_uvarint;
 use crate::{Messages, Oid, RelId};
 
 /// The version of the layout above.
@@ -172,34 +172,36 @@ pub struct Transaction<'a> {
     /// The transaction before it, applied by another session: this one
     /// commits only once that one has.
     pub after: Option<After>,
+    /// Whether a transaction of another session may wait for this one:
+    /// it holds, until it ends, the lock such a transaction waits for.
+    pub ordered: bool,
     /// Its changes, in the layout of `bdr.apply_changes`'s argument.
     pub changes: &'a [u8],
 }
 
 /// A transaction applied by another session, which one waits for before
-/// it commits: it has committed once the replication origin `origin` is
-/// at `end_lsn` or past it; until then the server process `pid` (which
-/// has that origin) is applying it, or about to.
+/// it commits: it has committed once the replication origin `origin`
+/// (that session's) is at `end_lsn` or past it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct After {
     pub origin: u32,
     pub end_lsn: u64,
-    pub pid: i32,
 }
 
 /// The flags of a transaction.
 const HAS_ORIGIN: u8 = 0x01;
 const HAS_AFTER: u8 = 0x02;
 const HAS_SIBLINGS: u8 = 0x04;
+const ORDERED: u8 = 0x08;
 
 /// Starts the argument of `bdr.apply_transactions`:
 ///
 /// ```text
 ///  transactions := version:u8 (1)  transaction*  (to the end)
 ///  transaction  := end_lsn:uvarint  commit_time:i64
-///                  flags:u8 (0x01: origin, 0x02: after, 0x04: siblings)
+///                  flags:u8 (0x01: origin, 0x02: after, 0x04: siblings, 0x08: ordered)
 ///                  [origin:uvarint]
-///                  [after_origin:uvarint  after_end_lsn:uvarint  after_pid:ivarint]
+///                  [after_origin:uvarint  after_end_lsn:uvarint]
 ///                  [count:uvarint  sibling:uvarint*]
 ///                  changes:bytes (as apply_changes takes them)
 /// ```
@@ -221,6 +223,9 @@ pub fn write_transaction<B: BufMut + ?Sized>(buf: &mut B, txn: &Transaction<'_>)
     if !txn.siblings.is_empty() {
         flags |= HAS_SIBLINGS;
     }
+    if txn.ordered {
+        flags |= ORDERED;
+    }
     buf.put_u8(flags);
     if let Some(origin) = txn.origin {
         put_uvarint(buf, u64::from(origin));
@@ -228,7 +233,6 @@ pub fn write_transaction<B: BufMut + ?Sized>(buf: &mut B, txn: &Transaction<'_>)
     if let Some(after) = txn.after {
         put_uvarint(buf, u64::from(after.origin));
         put_uvarint(buf, after.end_lsn);
-        put_ivarint(buf, i64::from(after.pid));
     }
     if !txn.siblings.is_empty() {
         put_uvarint(buf, txn.siblings.len() as u64);
@@ -248,7 +252,10 @@ pub fn read_transactions(buf: &[u8]) -> Result<Vec<Transaction<'_>>, DecodeError
     while r.remaining() > 0 {
         let end_lsn = r.uvarint()?;
         let commit_time = r.i64_be()?;
-        let flags = r.flags("transaction flags", HAS_ORIGIN | HAS_AFTER | HAS_SIBLINGS)?;
+        let flags = r.flags(
+            "transaction flags",
+            HAS_ORIGIN | HAS_AFTER | HAS_SIBLINGS | ORDERED,
+        )?;
         let origin = if flags & HAS_ORIGIN != 0 {
             Some(r.u32("origin")?)
         } else {
@@ -258,7 +265,6 @@ pub fn read_transactions(buf: &[u8]) -> Result<Vec<Transaction<'_>>, DecodeError
             Some(After {
                 origin: r.u32("after origin")?,
                 end_lsn: r.uvarint()?,
-                pid: r.i32("after pid")?,
             })
         } else {
             None
@@ -277,6 +283,7 @@ pub fn read_transactions(buf: &[u8]) -> Result<Vec<Transaction<'_>>, DecodeError
             origin,
             siblings,
             after,
+            ordered: flags & ORDERED != 0,
             changes,
         });
     }
@@ -348,8 +355,8 @@ mod tests {
                 after: Some(After {
                     origin: 4,
                     end_lsn: 0x1_6b37_4c00,
-                    pid: 4242,
                 }),
+                ordered: true,
                 changes: &[1, 0],
             },
             Transaction {
@@ -358,6 +365,7 @@ mod tests {
                 origin: None,
                 siblings: Vec::new(),
                 after: None,
+                ordered: false,
                 changes: &[],
             },
         ];

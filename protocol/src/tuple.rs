@@ -52,7 +52,7 @@ const KIND_MASK: u64 = (1 << KIND_BITS) - 1;
 
 /// One column's value in a tuple. Borrowed: decoding does not copy the
 /// value's bytes out of the input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Datum<'a> {
     /// SQL NULL.
     Null,

@@ -393,13 +393,18 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
         after: after.map(|end_lsn| After {
             origin: origin_a,
             end_lsn,
-            pid: pid_a,
         }),
+        ordered: true,
         changes,
     };
-    let leak = |v: Vec<u8>| -> &'static [u8] { v.leak() };
-    let first = leak(update_t(&rel, 1, "first"));
-    let second = leak(update_t(&rel, 2, "second"));
+    let first: &'static [u8] = update_t(&rel, 1, "first").leak();
+    let second: &'static [u8] = update_t(&rel, 2, "second").leak();
+    // A local transaction holds row 1, so that A's transaction, which
+    // updates it, stays open.
+    let mut local = node.connect();
+    local
+        .batch_execute("BEGIN; UPDATE v SET t = 'local' WHERE id = 1")
+        .unwrap();
 
     // B's transaction waits for A's (end LSN 0/100), which has not begun:
     // B looks at A's origin again and again.
@@ -408,18 +413,19 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
         (b, r)
     });
     node.poll_query_until(&waits(pid_b, "Extension/Extension"), "t");
-    // A applies it in a transaction block: B now waits for its
-    // transaction id, as for a lock.
-    a.batch_execute("BEGIN").unwrap();
-    a.query_one(
-        "SELECT bdr.apply_changes($1, '0/100', now(), NULL)",
-        &[&first],
-    )
-    .unwrap();
-    node.poll_query_until(&waits(pid_b, "Lock/transactionid"), "t");
+    // A begins it and waits for the local transaction: B now waits for
+    // A's transaction as for a lock.
+    let applying = std::thread::spawn(move || {
+        let r = call_transactions(&mut a, &[txn(0x100, first, None)]);
+        (a, r)
+    });
+    node.poll_query_until(&waits(pid_a, "Lock/transactionid"), "t");
+    node.poll_query_until(&waits(pid_b, "Lock/userlock"), "t");
     assert!(!waiting.is_finished(), "B committed before A");
     assert_eq!(progress(&node, "peer_1"), "0/0");
-    a.batch_execute("COMMIT").unwrap();
+    local.batch_execute("COMMIT").unwrap();
+    let (mut a, result) = applying.join().unwrap();
+    assert_eq!(result, Ok(()));
     let (mut b, result) = waiting.join().unwrap();
     assert_eq!(result, Ok(()));
     assert_eq!(progress(&node, "peer_0"), "0/100");
@@ -429,20 +435,24 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
         "1 first,2 second"
     );
 
-    // A transaction that A rolls back is waited for until B is cancelled,
-    // and B commits nothing.
+    // A transaction of A that does not commit (cancelled while it waits
+    // for the local transaction) is waited for until B is cancelled, and
+    // B commits nothing.
+    local
+        .batch_execute("BEGIN; UPDATE v SET t = 'local' WHERE id = 1")
+        .unwrap();
     let waiting = std::thread::spawn(move || {
         let r = call_transactions(&mut b, &[txn(0x400, second, Some(0x300))]);
         (b, r)
     });
-    a.batch_execute("BEGIN").unwrap();
-    a.query_one(
-        "SELECT bdr.apply_changes($1, '0/300', now(), NULL)",
-        &[&first],
-    )
-    .unwrap();
-    node.poll_query_until(&waits(pid_b, "Lock/transactionid"), "t");
-    a.batch_execute("ROLLBACK").unwrap();
+    let applying = std::thread::spawn(move || {
+        let r = call_transactions(&mut a, &[txn(0x300, first, None)]);
+        (a, r)
+    });
+    node.poll_query_until(&waits(pid_b, "Lock/userlock"), "t");
+    node.safe_psql(&format!("SELECT pg_cancel_backend({pid_a})"));
+    let (_, result) = applying.join().unwrap();
+    assert_eq!(result.expect_err("cancelled").0, "57014");
     node.poll_query_until(&waits(pid_b, "Extension/Extension"), "t");
     assert!(!waiting.is_finished(), "B committed after A rolled back");
     node.safe_psql(&format!("SELECT pg_cancel_backend({pid_b})"));
@@ -450,6 +460,7 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
     let (code, message) = result.expect_err("cancelled");
     assert_eq!(code, "57014", "{message}");
     assert_eq!(progress(&node, "peer_1"), "0/200");
+    local.batch_execute("ROLLBACK").unwrap();
 
     // Rows last written through A's origin are B's peer's too when B is
     // told A's origin is a sibling of its own.
@@ -467,6 +478,27 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
     by_b.siblings = vec![origin_a];
     assert_eq!(call_transactions(&mut b, &[by_b]), Ok(()));
     assert_eq!(progress(&node, "peer_1"), "0/500");
+    // Statements find the row last written through B's origin written by
+    // the peer of A's origin, its sibling (`bdr_<peer>_<n>` names).
+    node.safe_psql(
+        "SELECT pg_replication_origin_create('bdr_00000000000000aa'), \
+                pg_replication_origin_create('bdr_00000000000000aa_1')",
+    );
+    let mut c = node.connect();
+    c.batch_execute(
+        "SELECT pg_replication_origin_session_setup('bdr_00000000000000aa_1'); \
+         BEGIN; UPDATE v SET t = 'lane' WHERE id = 2; COMMIT",
+    )
+    .unwrap();
+    assert_eq!(
+        node.safe_psql(
+            "SELECT bdr.xact_origin(xmin) = (SELECT roident FROM pg_replication_origin \
+                                              WHERE roname = 'bdr_00000000000000aa'), \
+                    bdr.origin_node_id((pg_xact_commit_timestamp_origin(xmin)).roident) \
+               FROM v WHERE id = 2"
+        ),
+        "t|170"
+    );
 }
 
 #[test]
@@ -478,7 +510,6 @@ fn a_wait_for_a_transaction_that_waits_for_a_row_is_a_deadlock() {
         mut a,
         mut b,
         origin_a,
-        pid_a,
         pid_b,
         ..
     } = sessions(&node);
@@ -494,8 +525,8 @@ fn a_wait_for_a_transaction_that_waits_for_a_row_is_a_deadlock() {
         after: Some(After {
             origin: origin_a,
             end_lsn: 0x100,
-            pid: pid_a,
         }),
+        ordered: true,
         changes: second,
     };
     let waiting = std::thread::spawn(move || call_transactions(&mut b, &[later]));
@@ -506,6 +537,7 @@ fn a_wait_for_a_transaction_that_waits_for_a_row_is_a_deadlock() {
         origin: None,
         siblings: Vec::new(),
         after: None,
+        ordered: true,
         changes: first,
     };
     let result_a = call_transactions(&mut a, &[earlier]);

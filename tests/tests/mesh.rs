@@ -646,6 +646,14 @@ fn a_crash_in_the_middle_of_a_batch_applies_nothing_twice() {
     assert!((3..=5).contains(&committed), "{committed}");
 }
 
+#[test]
+fn a_crash_in_the_middle_of_parallel_batches_applies_nothing_twice() {
+    // Two sessions, each with its own origin, commit in a's order: the
+    // highest progress of the two is where b resumes.
+    let committed = crash_after_three_commits(&[("BDR_PARALLEL_APPLY", "on")]);
+    assert!((3..=5).contains(&committed), "{committed}");
+}
+
 /// Node a commits five transactions; b's applier (with `env`) aborts
 /// right after its third local commit is confirmed, before it tells a:
 /// b's origin is ahead of a's slot. Restarted, it resumes after what b
@@ -668,7 +676,7 @@ fn crash_after_three_commits(env: &[(&str, &str)]) -> u32 {
         .expect("a count");
     let origin_progress = mesh
         .node("b")
-        .safe_psql("SELECT remote_lsn FROM pg_replication_origin_status");
+        .safe_psql("SELECT max(remote_lsn) FROM pg_replication_origin_status");
     let confirmed = mesh.node("a").safe_psql(&format!(
         "SELECT confirmed_flush_lsn < '{origin_progress}' FROM pg_replication_slots"
     ));

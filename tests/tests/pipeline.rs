@@ -1,14 +1,15 @@
 //! Batched and pipelined apply have the outcome of applying one statement
 //! at a time.
 //!
-//! Node a writes; b (batched and pipelined, the default), d (pipelined
-//! only) and c (one statement at a time) stream from a only. All start
-//! from the same local rows, some of which conflict with a's changes:
-//! inside runs of INSERTs, before and after UPDATEs and DELETEs of the same
-//! rows, on a secondary unique key, and after the savepoint of a large
-//! transaction. b is stopped while a writes, so it meets the changes as a
+//! Node a writes; b (batched and pipelined, the default), e (batched on
+//! two sessions side by side, parallel apply), d (pipelined only) and c
+//! (one statement at a time) stream from a only. All start from the same
+//! local rows, some of which conflict with a's changes: inside runs of
+//! INSERTs, before and after UPDATEs and DELETEs of the same rows, on a
+//! secondary unique key, and after the savepoint of a large transaction.
+//! b and e are stopped while a writes, so they meet the changes as a
 //! backlog: batches of many transactions, with conflicts in their middle.
-//! Afterwards b, c and d must hold the same rows and the same conflict
+//! Afterwards b, c, d and e must hold the same rows and the same conflict
 //! history.
 
 use bdr_tests::{ApplierProcess, Node, applier_command};
@@ -39,7 +40,8 @@ fn batched_and_pipelined_apply_match_one_statement_at_a_time() {
     let b = node("b");
     let c = node("c");
     let d = node("d");
-    for n in [&b, &c, &d] {
+    let e = node("e");
+    for n in [&b, &c, &d, &e] {
         n.safe_psql(LOCAL);
         applier_command(n, &["add-peer", "a", &a.connstr()]);
     }
@@ -54,14 +56,17 @@ fn batched_and_pipelined_apply_match_one_statement_at_a_time() {
     let mut pipelined = ApplierProcess::start(&d);
     pipelined.stop();
     pipelined.restart_with_env(&[small_chunks, debug, ("BDR_APPLY_BATCH", "off")]);
+    let parallel_env = [small_chunks, debug, ("BDR_PARALLEL_APPLY", "on")];
+    let mut parallel = ApplierProcess::start(&e);
     // Their slots exist once they stream: a's changes from here on reach
-    // all three.
+    // all four.
     a.poll_query_until(
         "SELECT count(DISTINCT application_name) FROM pg_stat_replication
           WHERE state = 'streaming'",
-        "3",
+        "4",
     );
     batched.stop();
+    parallel.stop();
 
     // A run of INSERTs with conflicting rows in its middle.
     a.safe_psql("INSERT INTO t SELECT g, 'a' FROM generate_series(1, 2000) g");
@@ -99,7 +104,8 @@ fn batched_and_pipelined_apply_match_one_statement_at_a_time() {
     );
     a.safe_psql("UPDATE t SET v = 'last' WHERE id = 30500");
     batched.restart_with_env(&[small_chunks, debug]);
-    for n in ["b", "c", "d"] {
+    parallel.restart_with_env(&parallel_env);
+    for n in ["b", "c", "d", "e"] {
         a.wait_until_applied_by(n);
     }
 
@@ -108,7 +114,7 @@ fn batched_and_pipelined_apply_match_one_statement_at_a_time() {
                                                 local_row, remote_row), E'\\n' ORDER BY id)
                      FROM bdr.conflict_history";
     let recorded = c.safe_psql(history);
-    for (n, applier) in [(&b, &batched), (&d, &pipelined)] {
+    for (n, applier) in [(&b, &batched), (&d, &pipelined), (&e, &parallel)] {
         assert_eq!(
             n.safe_psql(rows),
             c.safe_psql(rows),
@@ -161,7 +167,22 @@ fn batched_and_pipelined_apply_match_one_statement_at_a_time() {
         log.contains("pipelined changes go to bdr.apply_changes"),
         "b pipelined only statements:\n{log}"
     );
-    for applier in [&mut batched, &mut pipelined, &mut serial] {
+    // e dealt transactions to its second session, which has an origin
+    // of its own, and applied failed batches again the same way.
+    let log = parallel.log();
+    assert!(
+        log.contains("batch failed: applying again one statement at a time"),
+        "e never applied a batch again:\n{log}"
+    );
+    assert_eq!(
+        e.safe_psql(
+            "SELECT count(*) FROM pg_replication_origin_status
+              WHERE external_id LIKE 'bdr\\_%\\_1' AND remote_lsn > '0/0'"
+        ),
+        "1",
+        "{log}"
+    );
+    for applier in [&mut batched, &mut pipelined, &mut serial, &mut parallel] {
         applier.stop();
     }
 }

@@ -72,11 +72,36 @@
 //! transaction whose kept messages grow past the chunk size of
 //! [`super::pipeline`] is handed over, before any of it was sent, to the
 //! pipelined path, which bounds memory with savepoints.
+//!
+//! Parallel apply (`parallel_apply`, off by default): a second batched
+//! session, the lane, with a replication origin of its own
+//! (`bdr_<peer>_1`), takes every other transaction that goes out whole to
+//! `bdr.apply_transactions`; a transaction that touches a key (relation
+//! and replica identity values) of one not known committed goes where
+//! that one went, and the one after a transaction sent as statements
+//! stays on the first session. Both sessions commit in the peer's order:
+//! a transaction whose predecessor went to the other session names it
+//! (that session's origin and the predecessor's end LSN), and the server
+//! applies it, then waits before its commit until that origin is there
+//! (`plugin/src/apply.rs`: a lock the predecessor holds while it
+//! applies, so that a cycle with a row lock is a deadlock PostgreSQL
+//! breaks); a transaction sent as statements waits the same way first
+//! (`bdr.apply_wait`). So every transaction up to the highest progress of
+//! the two origins is committed, which is where a restart resumes and
+//! what the peer hears as flushed, and a confirmed COMMIT on either
+//! session confirms every transaction before it. Rows written through
+//! either origin are the peer's: the server's search takes both origins,
+//! `bdr.xact_origin` gives the lane's as the peer's. After a failure on
+//! either session, both are cancelled (a transaction behind the failed
+//! one would wait for it for ever), again every [`CANCEL_AGAIN`] until
+//! their batches are all answered; then everything not committed by the
+//! highest progress is applied again as above.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 
 use bdr_protocol::apply::{
-    LocalRelation, Transaction, start_transactions, write_changes_head, write_transaction,
+    After, LocalRelation, Transaction, start_transactions, write_changes_head, write_transaction,
 };
 use bdr_protocol::{Lsn, Message, Messages, RelId};
 use bytes::Bytes;
@@ -162,7 +187,82 @@ pub(super) struct Batch {
     calls: bool,
     /// Complete transactions waiting for that call.
     call: PendingCall,
+    /// The transaction status at the last ReadyForQuery.
+    status: u8,
+    /// The second batched session of parallel apply, when open.
+    par: Option<Parallel>,
 }
+
+/// The second batched session of parallel apply: it applies the
+/// transactions dealt to it, each a whole call of
+/// `bdr.apply_transactions`, with a replication origin of its own.
+#[derive(Debug)]
+struct Lane {
+    wire: Wire,
+    /// Replies awaited, in order.
+    sent: VecDeque<Tag>,
+    in_flight: usize,
+    /// Its first failure, until both sessions are settled.
+    failed: Option<Failure>,
+    /// Complete transactions waiting for its next call.
+    call: PendingCall,
+    /// The transaction status at its last ReadyForQuery.
+    status: u8,
+}
+
+/// A batched session of parallel apply: its replication origin id (which
+/// a transaction waiting for one of its own names) and its server
+/// process id (to cancel it after a failure).
+#[derive(Debug, Clone, Copy)]
+struct Seat {
+    roident: u32,
+    pid: i32,
+}
+
+/// Parallel apply's state (see the module documentation).
+#[derive(Debug)]
+struct Parallel {
+    lane: Lane,
+    /// The first batched session's seat (`[0]`) and the lane's (`[1]`).
+    seats: [Seat; 2],
+    /// The session the last complete transaction went to and its end LSN;
+    /// `None` when every transaction before is known committed.
+    last: Option<(usize, Lsn)>,
+    /// For each key (relation and key values, hashed), the last
+    /// transaction to touch it: its sequence number and session.
+    keys: HashMap<u64, (u64, usize)>,
+    /// The keys the open transaction touches.
+    open_keys: Vec<u64>,
+    /// The session the next transaction goes to unless it touches a key
+    /// of one not known committed.
+    next: usize,
+    /// When the sessions were last cancelled after a failure.
+    cancelled: Option<tokio::time::Instant>,
+    /// Whether the last transaction went out as statements.
+    after_statements: bool,
+    /// How many keys may be noted before those of committed transactions
+    /// are dropped.
+    prune_at: usize,
+}
+
+/// One batched session's replies awaited and state (see [`Batch::side`]).
+struct Side<'a> {
+    sent: &'a mut VecDeque<Tag>,
+    failed: &'a mut Option<Failure>,
+    in_flight: &'a mut usize,
+    status: &'a mut u8,
+}
+
+/// Keys remembered before those of committed transactions are dropped.
+const MAX_KEYS: usize = 1 << 16;
+
+/// How long, after a failure, a session still applying is given before
+/// it is cancelled again (it may wait for a transaction that failed).
+pub(super) const CANCEL_AGAIN: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The wait of a transaction sent as statements for the one before it,
+/// applied by the lane (see `plugin/src/apply.rs`).
+const APPLY_WAIT: &str = "SELECT bdr.apply_wait($1::oid, $2::pg_lsn)";
 
 /// Complete transactions that go out as one `CALL bdr.apply_transactions`
 /// (see `plugin/src/apply.rs`): each commits in the server in turn, with no
@@ -370,18 +470,234 @@ impl Batch {
             server: ServerChanges::default(),
             calls,
             call: PendingCall::default(),
+            status: b'I',
+            par: None,
         }))
     }
 
-    /// Whether replies are awaited or a batch is ready to go.
-    pub(super) fn busy(&self) -> bool {
-        self.in_flight > 0 || self.ready_to_send()
+    /// Opens the lane of parallel apply (see the module documentation):
+    /// a second batched session bound to the replication origin `name`
+    /// (created if missing). Without calls of `bdr.apply_transactions`,
+    /// or with a bdr library that cannot make a transaction wait for one
+    /// on another session, nothing opens (with a warning).
+    pub(super) async fn open_lane(
+        &mut self,
+        config: &tokio_postgres::Config,
+        client: &tokio_postgres::Client,
+        name: &str,
+    ) -> Result<(), ApplyError> {
+        if !self.calls {
+            return Ok(());
+        }
+        let mut wire = Wire::connect(config).await?;
+        if !callable(
+            &mut wire,
+            "SELECT 'bdr.apply_wait(oid, pg_lsn)'::pg_catalog.regprocedure",
+            "applying on one batched session",
+        )
+        .await
+        {
+            return Ok(());
+        }
+        let (Some(pid0), Some(pid1)) = (self.wire.pid(), wire.pid()) else {
+            warn!(
+                "the server did not tell a session's process id: applying on one batched session"
+            );
+            return Ok(());
+        };
+        client
+            .execute(crate::origin::CREATE_ORIGIN, &[&name])
+            .await?;
+        wire.simple(crate::origin::APPLY_SETTINGS).await?;
+        wire.simple("SET client_min_messages = error").await?;
+        if let Err(e) = wire.simple("SET log_min_messages = log").await {
+            debug!(error = %e, "log_min_messages unchanged");
+        }
+        wire.simple(&format!(
+            "SELECT pg_catalog.pg_replication_origin_session_setup({})",
+            crate::stream::quote_literal(name)?
+        ))
+        .await?;
+        let roident = async |origin: &str| -> Result<u32, ApplyError> {
+            let row = client
+                .query_one(
+                    "SELECT roident FROM pg_catalog.pg_replication_origin WHERE roname = $1",
+                    &[&origin],
+                )
+                .await?;
+            Ok(row.get(0))
+        };
+        let seats = [
+            Seat {
+                roident: roident(&self.origin).await?,
+                pid: pid0,
+            },
+            Seat {
+                roident: roident(name).await?,
+                pid: pid1,
+            },
+        ];
+        self.par = Some(Parallel {
+            lane: Lane {
+                wire,
+                sent: VecDeque::new(),
+                in_flight: 0,
+                failed: None,
+                call: PendingCall::default(),
+                status: b'I',
+            },
+            seats,
+            last: None,
+            keys: HashMap::new(),
+            open_keys: Vec::new(),
+            next: 0,
+            cancelled: None,
+            after_statements: false,
+            prune_at: MAX_KEYS,
+        });
+        Ok(())
     }
 
-    /// Whether complete transactions wait and may go out now: fewer
-    /// batches than the depth are in flight, and none failed.
+    /// Whether replies are awaited or a batch is ready to go, on either
+    /// session.
+    pub(super) fn busy(&self) -> bool {
+        self.in_flight > 0
+            || self.ready_to_send()
+            || self
+                .par
+                .as_ref()
+                .is_some_and(|p| p.lane.in_flight > 0 || p.lane.call.last.is_some())
+    }
+
+    /// Whether complete transactions wait and may go out now on either
+    /// session: fewer batches than the depth are in flight there, and
+    /// none failed.
     pub(super) fn can_send(&self) -> bool {
-        self.in_flight < self.depth && self.failed.is_none() && self.ready_to_send()
+        self.main_can_send() || self.lane_can_send()
+    }
+
+    fn main_can_send(&self) -> bool {
+        self.in_flight < self.depth && !self.failing() && self.ready_to_send()
+    }
+
+    fn lane_can_send(&self) -> bool {
+        !self.failing()
+            && self
+                .par
+                .as_ref()
+                .is_some_and(|p| p.lane.in_flight < self.depth && p.lane.call.last.is_some())
+    }
+
+    /// Whether a session failed and the batches in flight are being
+    /// settled before everything not committed is applied again.
+    fn failing(&self) -> bool {
+        self.failed.is_some() || self.par.as_ref().is_some_and(|p| p.lane.failed.is_some())
+    }
+
+    /// Batches in flight on both sessions.
+    fn all_in_flight(&self) -> usize {
+        self.in_flight + self.par.as_ref().map_or(0, |p| p.lane.in_flight)
+    }
+
+    /// The bookkeeping of session `lane` (0: the first batched session,
+    /// 1: the lane).
+    fn side(&mut self, lane: usize) -> Side<'_> {
+        match (lane, self.par.as_mut()) {
+            (1, Some(p)) => Side {
+                sent: &mut p.lane.sent,
+                failed: &mut p.lane.failed,
+                in_flight: &mut p.lane.in_flight,
+                status: &mut p.lane.status,
+            },
+            _ => Side {
+                sent: &mut self.sent,
+                failed: &mut self.failed,
+                in_flight: &mut self.in_flight,
+                status: &mut self.status,
+            },
+        }
+    }
+
+    /// Whether a session failed while the other one may still wait for a
+    /// transaction that will not commit (see [`Applier::cancel_sessions`]).
+    pub(super) fn recovering(&self) -> bool {
+        self.par.is_some() && self.failing() && self.all_in_flight() > 0
+    }
+
+    /// Notes the keys that a row change of the open transaction touches,
+    /// for dealing the transaction to a session (parallel apply only).
+    fn note_keys(
+        &mut self,
+        msg: &Message<'_>,
+        relations: &mut super::relation::RelationMap,
+    ) -> Result<(), ApplyError> {
+        let Some(p) = self.par.as_mut() else {
+            return Ok(());
+        };
+        let (rel_id, tuples): (RelId, [Option<&[bdr_protocol::Datum<'_>]>; 2]) = match msg {
+            Message::Insert(m) => (m.rel_id, [Some(&m.new), None]),
+            Message::Update(m) => (
+                m.rel_id,
+                [Some(&m.new), m.old.as_ref().map(|o| &o.tuple[..])],
+            ),
+            Message::Delete(m) => (m.rel_id, [Some(&m.old.tuple), None]),
+            _ => return Ok(()),
+        };
+        let rel = relations.get(rel_id)?;
+        let keyless = rel.key.is_empty();
+        if keyless && matches!(msg, Message::Insert(_)) {
+            // A row no other change can find by key.
+            return Ok(());
+        }
+        for tuple in tuples.into_iter().flatten() {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            rel_id.hash(&mut h);
+            // Without a key, every row of the relation counts as one.
+            for &i in &rel.key {
+                tuple.get(i).hash(&mut h);
+            }
+            p.open_keys.push(h.finish());
+        }
+        Ok(())
+    }
+
+    /// The session the open transaction, complete, goes to: the one of
+    /// the last transaction not known committed that touched one of its
+    /// keys, else every other one in turn. Notes its keys as its own.
+    fn deal(&mut self, seq: u64) -> usize {
+        let oldest = self.kept.front().map_or(u64::MAX, |t| t.seq);
+        let Some(p) = self.par.as_mut() else {
+            return 0;
+        };
+        let depends = p
+            .open_keys
+            .iter()
+            .filter_map(|k| p.keys.get(k))
+            .filter(|(s, _)| *s >= oldest)
+            .max_by_key(|(s, _)| *s)
+            .map(|(_, lane)| *lane);
+        // A transaction applied as statements holds no lock that a
+        // transaction of the lane could wait for: the next one follows it
+        // on the same session.
+        let lane = if p.after_statements {
+            0
+        } else {
+            depends.unwrap_or_else(|| {
+                let l = p.next;
+                p.next ^= 1;
+                l
+            })
+        };
+        p.after_statements = false;
+        for k in p.open_keys.drain(..) {
+            p.keys.insert(k, (seq, lane));
+        }
+        if p.keys.len() > p.prune_at {
+            p.keys.retain(|_, (s, _)| *s >= oldest);
+            // Twice what is left: pruning stays linear in the keys noted.
+            p.prune_at = MAX_KEYS.max(2 * p.keys.len());
+        }
+        lane
     }
 
     /// Whether complete transactions wait to be written.
@@ -408,26 +724,78 @@ impl Batch {
             return Ok(false);
         }
         self.server.encode(relations);
-        if self.call.buf.is_empty() {
-            start_transactions(&mut self.call.buf);
+        let seq = self.open_seq();
+        let lane = self.deal(seq);
+        // In the peer's order: after the transaction before it, when
+        // that one went to the other session.
+        let (after, siblings) = match self.par.as_mut() {
+            Some(p) => {
+                let after = p.last.filter(|(l, _)| *l != lane).map(|(l, lsn)| After {
+                    origin: p.seats[l].roident,
+                    end_lsn: lsn,
+                });
+                p.last = Some((lane, end_lsn));
+                let siblings = if self.server.origin.is_some() {
+                    vec![p.seats[1].roident]
+                } else {
+                    Vec::new()
+                };
+                (after, siblings)
+            }
+            None => (None, Vec::new()),
+        };
+        let ordered = self.par.is_some();
+        let call = match (lane, self.par.as_mut()) {
+            (1, Some(p)) => &mut p.lane.call,
+            _ => &mut self.call,
+        };
+        if call.buf.is_empty() {
+            start_transactions(&mut call.buf);
         }
         write_transaction(
-            &mut self.call.buf,
+            &mut call.buf,
             &Transaction {
                 end_lsn,
                 commit_time,
                 origin: self.server.origin,
-                siblings: Vec::new(),
-                after: None,
+                siblings,
+                after,
+                ordered,
                 changes: &self.server.payload,
             },
         );
-        self.call.last = Some((self.open_seq(), end_lsn));
+        call.last = Some((seq, end_lsn));
         self.open_at = None;
-        if self.call.buf.len() >= CALL_BYTES {
+        if lane == 0 && self.call.buf.len() >= CALL_BYTES {
             self.flush_call()?;
         }
         Ok(true)
+    }
+
+    /// Before the first statement of a transaction sent as statements:
+    /// when the transaction before it went to the lane, a wait for that
+    /// one to commit.
+    fn wait_first(&mut self) -> Result<(), ApplyError> {
+        let Some(p) = self.par.as_mut() else {
+            return Ok(());
+        };
+        let Some((1, lsn)) = p.last else {
+            return Ok(());
+        };
+        if self.open_at.is_none() {
+            return Ok(());
+        }
+        let seat = p.seats[1];
+        p.last = None;
+        self.wire.execute(
+            APPLY_WAIT,
+            &[Param::four_bytes(seat.roident), Param::eight_bytes(lsn)],
+        )?;
+        self.unsent.push(Tag::Stmt {
+            seq: self.open_seq(),
+            kind: Kind::Done,
+        });
+        Ok(())
     }
 
     /// Encodes the pending call, if any, ahead of the open transaction
@@ -460,21 +828,74 @@ impl Batch {
         self.on_wire
     }
 
-    /// Writes the complete transactions waiting, unless a batch is in
-    /// flight.
+    /// Writes the complete transactions waiting, on each session that
+    /// may send.
     pub(super) async fn send_ready(&mut self) -> Result<(), ApplyError> {
-        if !self.can_send() {
-            return Ok(());
+        if self.main_can_send() {
+            self.send().await?;
         }
-        self.send().await
+        if self.lane_can_send() {
+            self.lane_send().await?;
+        }
+        Ok(())
     }
 
-    /// The next reply (cancel safe); `None` when none is awaited.
-    pub(super) async fn next_event(&mut self) -> Option<Result<Event, ApplyError>> {
-        if self.in_flight == 0 {
-            return None;
+    /// Writes the lane's pending call, with a Sync: behind a batch in
+    /// flight there, after the check that that one committed all of its
+    /// transactions.
+    async fn lane_send(&mut self) -> Result<(), ApplyError> {
+        let Some(p) = self.par.as_mut() else {
+            return Ok(());
+        };
+        let lane = &mut p.lane;
+        let Some((seq, lsn)) = lane.call.last.take() else {
+            return Ok(());
+        };
+        let behind = lane.sent.iter().rev().find_map(|t| match t {
+            Tag::Stmt {
+                kind: Kind::Commit(lsn),
+                ..
+            } => Some(*lsn),
+            _ => None,
+        });
+        lane.wire
+            .execute(APPLY_TRANSACTIONS, &[Param::Binary(&lane.call.buf)])?;
+        lane.call.buf.clear();
+        let check = behind.map(|lsn| [Param::eight_bytes(lsn)]);
+        let at = lane.wire.unsent();
+        lane.wire
+            .send_batch(at, check.as_ref().map(|p| (CHECK_PROGRESS, &p[..])))
+            .await?;
+        if check.is_some() {
+            lane.sent.push_back(Tag::Stmt {
+                seq,
+                kind: Kind::Done,
+            });
         }
-        Some(self.wire.next_event().await.map_err(ApplyError::from))
+        lane.sent.push_back(Tag::Stmt {
+            seq,
+            kind: Kind::Commit(lsn),
+        });
+        lane.sent.push_back(Tag::Sync);
+        lane.in_flight += 1;
+        Ok(())
+    }
+
+    /// The next reply of either session (cancel safe), with the session
+    /// (0: the first, 1: the lane); `None` when none is awaited.
+    pub(super) async fn next_event(&mut self) -> Option<Result<(usize, Event), ApplyError>> {
+        let main = self.in_flight > 0;
+        let lane = self.par.as_mut().filter(|p| p.lane.in_flight > 0);
+        let event = match (main, lane) {
+            (false, None) => return None,
+            (true, None) => self.wire.next_event().await.map(|e| (0, e)),
+            (false, Some(p)) => p.lane.wire.next_event().await.map(|e| (1, e)),
+            (true, Some(p)) => tokio::select! {
+                e = self.wire.next_event() => e.map(|e| (0, e)),
+                e = p.lane.wire.next_event() => e.map(|e| (1, e)),
+            },
+        };
+        Some(event.map_err(ApplyError::from))
     }
 
     fn open_seq(&self) -> u64 {
@@ -510,10 +931,18 @@ impl Batch {
         self.server.clear();
         self.call.buf.clear();
         self.call.last = None;
+        if let Some(p) = self.par.as_mut() {
+            p.lane.call.buf.clear();
+            p.lane.call.last = None;
+            p.last = None;
+            p.open_keys.clear();
+            p.keys.clear();
+        }
     }
 
     fn stmt(&mut self, sql: &str, params: &[Param<'_>], kind: Kind) -> Result<(), ApplyError> {
         self.flush_call()?;
+        self.wait_first()?;
         self.wire.execute(sql, params)?;
         self.unsent.push(Tag::Stmt {
             seq: self.open_seq(),
@@ -525,7 +954,7 @@ impl Batch {
     /// Writes the complete transactions encoded so far, with a Sync; the
     /// open one stays behind.
     async fn send(&mut self) -> Result<(), ApplyError> {
-        debug_assert!(self.in_flight < self.depth && self.failed.is_none());
+        debug_assert!(self.in_flight < self.depth && !self.failing());
         self.flush_call()?;
         let (bytes, tags) = self
             .open_at
@@ -600,16 +1029,17 @@ impl Applier {
         if b.open_bytes() >= super::pipeline::chunk_bytes() {
             return self.hand_over(false).await;
         }
-        if b.can_send() {
-            b.send().await?;
-        } else if b.wire.unsent() >= MAX_UNSENT {
-            // Until a batch in flight is answered and this one goes out.
-            while self
-                .batch
-                .as_ref()
-                .is_some_and(|b| b.in_flight > 0 && b.wire.unsent() >= MAX_UNSENT)
-            {
-                self.settle_batch_one().await?;
+        b.send_ready().await?;
+        // Until a batch in flight is answered and what waits goes out.
+        while self.batch.as_ref().is_some_and(|b| {
+            (b.in_flight > 0 && b.wire.unsent() >= MAX_UNSENT)
+                || b.par
+                    .as_ref()
+                    .is_some_and(|p| p.lane.in_flight > 0 && p.lane.call.buf.len() >= MAX_UNSENT)
+        }) {
+            self.settle_batch_one().await?;
+            if let Some(b) = self.batch.as_mut() {
+                b.send_ready().await?;
             }
         }
         Ok(())
@@ -633,10 +1063,15 @@ impl Applier {
             });
             b.next_seq += 1;
             b.open_at = Some((b.wire.unsent(), b.unsent.len()));
+            if let Some(p) = b.par.as_mut() {
+                p.open_keys.clear();
+            }
             // The implicit transaction starts with the first statement.
             return Ok(());
         }
-        self.batch.as_mut().expect("batched").keep(raw.clone());
+        let b = self.batch.as_mut().expect("batched");
+        b.keep(raw.clone());
+        b.note_keys(msg, &mut self.relations)?;
         if let Some((what, rel_id)) = super::change_of(msg)
             && self.keep_for_server(what, rel_id, &raw)?
         {
@@ -673,6 +1108,15 @@ impl Applier {
                 let b = self.batch.as_mut().expect("batched");
                 b.stmt("COMMIT", &[], Kind::Commit(m.end_lsn))?;
                 b.open_at = None;
+                // Applied as statements on the first batched session.
+                let seq = b.open_seq();
+                if let Some(p) = b.par.as_mut() {
+                    for k in p.open_keys.drain(..) {
+                        p.keys.insert(k, (seq, 0));
+                    }
+                    p.last = Some((0, m.end_lsn));
+                    p.after_statements = true;
+                }
                 Ok(())
             }
             Message::Insert(m) => {
@@ -711,6 +1155,7 @@ impl Applier {
                 let sql = self.truncate_sql(m)?;
                 let b = self.batch.as_mut().expect("batched");
                 b.flush_call()?;
+                b.wait_first()?;
                 b.wire.execute_once(&sql)?;
                 let seq = b.open_seq();
                 b.unsent.push(Tag::Stmt {
@@ -818,22 +1263,67 @@ impl Applier {
         Ok(())
     }
 
-    /// Awaits one reply of the batch in flight and acts on it.
+    /// Awaits one reply of the batches in flight and acts on it; after a
+    /// failure, cancels what still applies (see [`Self::cancel_sessions`])
+    /// when no reply comes for a while.
     pub(super) async fn settle_batch_one(&mut self) -> Result<(), ApplyError> {
         let b = self.batch.as_mut().expect("batched");
+        if b.recovering() {
+            match tokio::time::timeout(CANCEL_AGAIN, b.next_event()).await {
+                Ok(Some(event)) => return self.on_batch_event(event?).await,
+                Ok(None) => return Ok(()),
+                Err(_) => return self.cancel_sessions().await,
+            }
+        }
         match b.next_event().await {
             Some(event) => self.on_batch_event(event?).await,
             None => Ok(()),
         }
     }
 
-    /// Acts on one reply of the batch in flight: a confirmed COMMIT, a
-    /// failure (everything from its transaction on is applied again), the
-    /// end of the batch (the next one goes out).
-    pub(super) async fn on_batch_event(&mut self, event: Event) -> Result<(), ApplyError> {
+    /// After a failure on one batched session of parallel apply: asks the
+    /// server to cancel what either session is applying. A transaction
+    /// after the failed one waits for it to commit, which it will not;
+    /// everything not committed is applied again once both sessions are
+    /// settled. Asked again every [`CANCEL_AGAIN`] while a session has not
+    /// answered: a cancel that reaches a session between two batches is
+    /// lost.
+    pub(super) async fn cancel_sessions(&mut self) -> Result<(), ApplyError> {
+        let Some(p) = self.batch.as_mut().and_then(|b| b.par.as_mut()) else {
+            return Ok(());
+        };
+        p.cancelled = Some(tokio::time::Instant::now());
+        let pids = [p.seats[0].pid, p.seats[1].pid];
+        debug!(
+            ?pids,
+            "a batched session failed: cancelling what the sessions apply"
+        );
+        for pid in pids {
+            self.client
+                .execute("SELECT pg_catalog.pg_cancel_backend($1)", &[&pid])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Acts on one reply of the batches in flight (of session `lane`: 0,
+    /// the first batched session, or 1): a confirmed COMMIT, a failure
+    /// (everything from its transaction on is applied again), the end of
+    /// a batch (the next one goes out).
+    pub(super) async fn on_batch_event(
+        &mut self,
+        (lane, event): (usize, Event),
+    ) -> Result<(), ApplyError> {
         let b = self.batch.as_mut().expect("batched");
+        let parallel = b.par.is_some();
+        let Side {
+            sent,
+            failed,
+            in_flight,
+            status: last_status,
+        } = b.side(lane);
         match event {
-            Event::Complete(rows) => match b.sent.pop_front() {
+            Event::Complete(rows) => match sent.pop_front() {
                 Some(Tag::Stmt {
                     kind: Kind::Rows(want),
                     ..
@@ -850,12 +1340,16 @@ impl Applier {
                     seq,
                     kind: Kind::Commit(lsn),
                 }) => {
+                    // Commits are in the peer's order: every transaction
+                    // before this one committed too, on either session.
                     let mut commits = 0;
                     while b.kept.front().is_some_and(|t| t.seq <= seq) {
                         b.kept.pop_front();
                         commits += 1;
                     }
-                    self.pipe.confirm_many(lsn, commits.max(1));
+                    if commits > 0 || !parallel {
+                        self.pipe.confirm_many(lsn, commits.max(1));
+                    }
                     Ok(())
                 }
                 Some(Tag::Stmt { .. }) => Ok(()),
@@ -864,17 +1358,19 @@ impl Applier {
                 )),
             },
             Event::Error(e) => {
-                match b.sent.pop_front() {
-                    Some(Tag::Stmt { seq, .. }) => match &b.failed {
+                let first = match sent.pop_front() {
+                    Some(Tag::Stmt { seq, .. }) => match failed {
                         None => {
-                            b.failed = Some(Failure {
+                            *failed = Some(Failure {
                                 seq,
                                 why: e.to_string(),
                                 code: e.code.clone(),
-                            })
+                            });
+                            true
                         }
                         Some(first) => {
-                            debug!(error = %e, failed = first.seq, "a batch behind a failed one did not apply")
+                            debug!(error = %e, failed = first.seq, "a batch behind a failed one did not apply");
+                            false
                         }
                     },
                     _ => {
@@ -882,28 +1378,50 @@ impl Applier {
                             "an error arrived where none was expected: {e}"
                         )));
                     }
-                }
+                };
                 // The server skips the rest of the batch.
-                while matches!(b.sent.front(), Some(Tag::Stmt { .. })) {
-                    b.sent.pop_front();
+                while matches!(sent.front(), Some(Tag::Stmt { .. })) {
+                    sent.pop_front();
+                }
+                if first && parallel && b.par.as_ref().is_some_and(|p| p.cancelled.is_none()) {
+                    self.cancel_sessions().await?;
                 }
                 Ok(())
             }
             Event::Ready(status) => {
-                if !matches!(b.sent.pop_front(), Some(Tag::Sync)) {
+                if !matches!(sent.pop_front(), Some(Tag::Sync)) {
                     return Err(ApplyError::Batch(
                         "the end of a batch arrived before its statements".into(),
                     ));
                 }
-                b.in_flight -= 1;
-                if b.failed.is_some() && b.in_flight > 0 {
-                    // The batches behind the failed one fail their check
-                    // of the origin's progress: once they are in, all is
-                    // applied again from the failed transaction.
-                    return Ok(());
-                }
-                if let Some(failure) = b.failed.take() {
-                    return self.recover(failure, status).await;
+                *in_flight -= 1;
+                *last_status = status;
+                if b.failing() {
+                    if b.all_in_flight() > 0 {
+                        // The batches behind the failed one fail their
+                        // check of the origin's progress, the other
+                        // session's are cancelled: once all are in, all
+                        // is applied again from the first not committed.
+                        return Ok(());
+                    }
+                    let main = b.failed.take();
+                    let other = b.par.as_mut().and_then(|p| p.lane.failed.take());
+                    if let Some(p) = b.par.as_mut() {
+                        p.cancelled = None;
+                    }
+                    let failure = match (main, other) {
+                        (Some(a), Some(o)) => {
+                            if o.seq < a.seq {
+                                o
+                            } else {
+                                a
+                            }
+                        }
+                        (Some(a), None) => a,
+                        (None, Some(o)) => o,
+                        (None, None) => unreachable!("failing"),
+                    };
+                    return self.recover(failure).await;
                 }
                 if status != b'I' {
                     // Batches hold whole transactions, each ending in COMMIT.
@@ -912,26 +1430,32 @@ impl Applier {
                         char::from(status)
                     )));
                 }
-                if b.can_send() {
-                    b.send().await?;
-                }
-                Ok(())
+                b.send_ready().await
             }
         }
     }
 
     /// After a failed batch: rolls back what the server left open and
-    /// applies every transaction from `seq` on again, one statement at a
-    /// time on the other session.
-    async fn recover(&mut self, failure: Failure, status: u8) -> Result<(), ApplyError> {
+    /// applies every transaction not committed (from `failure`'s on when
+    /// the origins' progress does not say) again, one statement at a time
+    /// on the other session.
+    async fn recover(&mut self, failure: Failure) -> Result<(), ApplyError> {
         let Failure { seq, why, code } = failure;
         let b = self.batch.as_mut().expect("batched");
         // What was encoded since is applied again too, from its messages.
         b.drop_unsent();
-        if status != b'I' {
+        if b.status != b'I' {
             b.wire.simple("ROLLBACK").await?;
+            b.status = b'I';
         }
         b.wire.forget_statements().await?;
+        if let Some(p) = b.par.as_mut() {
+            if p.lane.status != b'I' {
+                p.lane.wire.simple("ROLLBACK").await?;
+                p.lane.status = b'I';
+            }
+            p.lane.wire.forget_statements().await?;
+        }
         if super::STALE.contains(&code.as_str()) {
             // Were a local table created again, every later batch would
             // fail the same way until the peer sent its RELATION again.
@@ -1025,11 +1549,17 @@ impl Applier {
             if !b.on_wire {
                 return Ok(false);
             }
-            if b.in_flight > 0 {
+            if b.all_in_flight() > 0 {
                 self.settle_batch_one().await?;
-            } else if b.ready_to_send() {
-                b.send().await?;
+            } else if b.ready_to_send()
+                || b.par.as_ref().is_some_and(|p| p.lane.call.last.is_some())
+            {
+                b.send_ready().await?;
             } else {
+                // Everything is committed.
+                if let Some(p) = b.par.as_mut() {
+                    p.last = None;
+                }
                 return Ok(true);
             }
         }
@@ -1108,26 +1638,56 @@ impl Applier {
     /// nothing commits behind the next session's back.
     pub(super) async fn finish_batch(&mut self) {
         while let Some(b) = self.batch.as_mut() {
-            if b.in_flight == 0 {
+            if b.all_in_flight() == 0 {
                 break;
             }
-            match b.wire.next_event().await {
-                Ok(Event::Ready(_)) => {
-                    b.in_flight -= 1;
-                    while b.sent.pop_front().is_some_and(|t| !matches!(t, Tag::Sync)) {}
-                }
-                Ok(Event::Complete(_)) => {
-                    if let Some(Tag::Stmt {
-                        kind: Kind::Commit(lsn),
-                        ..
-                    }) = b.sent.pop_front()
-                    {
-                        self.pipe.confirm(lsn);
+            let event = if b.par.is_some() {
+                // A session may wait for a transaction of the other one
+                // that failed.
+                match tokio::time::timeout(CANCEL_AGAIN, b.next_event()).await {
+                    Ok(event) => event,
+                    Err(_) => {
+                        if let Err(e) = self.cancel_sessions().await {
+                            info!(error = %e, "cancelling the batched sessions failed");
+                            break;
+                        }
+                        continue;
                     }
                 }
-                Ok(Event::Error(_)) => {
-                    while matches!(b.sent.front(), Some(Tag::Stmt { .. })) {
-                        b.sent.pop_front();
+            } else {
+                b.next_event().await
+            };
+            let Some(event) = event else {
+                break;
+            };
+            let b = self.batch.as_mut().expect("batched");
+            match event {
+                Ok((lane, event)) => {
+                    let side = b.side(lane);
+                    match event {
+                        Event::Ready(_) => {
+                            *side.in_flight -= 1;
+                            while side
+                                .sent
+                                .pop_front()
+                                .is_some_and(|t| !matches!(t, Tag::Sync))
+                            {
+                            }
+                        }
+                        Event::Complete(_) => {
+                            if let Some(Tag::Stmt {
+                                kind: Kind::Commit(lsn),
+                                ..
+                            }) = side.sent.pop_front()
+                            {
+                                self.pipe.confirm(lsn);
+                            }
+                        }
+                        Event::Error(_) => {
+                            while matches!(side.sent.front(), Some(Tag::Stmt { .. })) {
+                                side.sent.pop_front();
+                            }
+                        }
                     }
                 }
                 Err(e) => {

@@ -185,8 +185,11 @@ pub(crate) struct Settled(Settling);
 
 enum Settling {
     Pipe(Result<(), ApplyError>),
-    Batch(Result<wire::Event, ApplyError>),
+    /// A reply of batched session 0 or 1.
+    Batch(Result<(usize, wire::Event), ApplyError>),
     Send,
+    /// No reply for a while after a failure (parallel apply).
+    Cancel,
 }
 
 /// The remote transaction being applied.
@@ -256,7 +259,7 @@ const XACT_SETUP: &str =
 
 /// The end LSN of the peer's last transaction committed here, once the
 /// local WAL is flushed up to its commit (the function flushes it).
-const DURABLE_PROGRESS: &str = "SELECT pg_catalog.pg_replication_origin_progress($1, true)";
+const DURABLE_PROGRESS: &str = crate::origin::PEER_PROGRESS;
 
 /// SQLSTATEs of a failure that may come from a description of a local
 /// table that no longer holds: `bdr.apply_changes` finds the table or
@@ -311,6 +314,7 @@ impl Applier {
         ends: Endpoints,
         pipelined: bool,
         batched: Option<&tokio_postgres::Config>,
+        parallel: bool,
     ) -> Result<Self, ApplyError> {
         let xact_setup = client.prepare(XACT_SETUP).await?;
         let progress = client.prepare(DURABLE_PROGRESS).await?;
@@ -340,6 +344,10 @@ impl Applier {
         };
         if applier.batch.is_some() {
             applier.origin_to_wire().await?;
+        }
+        if let (Some(b), Some(config), true) = (applier.batch.as_mut(), batched, parallel) {
+            let lane = crate::origin::lane_name_for(applier.ends.peer);
+            b.open_lane(config, &applier.client, &lane).await?;
         }
         Ok(applier)
     }
@@ -427,7 +435,13 @@ impl Applier {
             if b.can_send() {
                 return Settled(Settling::Send);
             }
-            if let Some(event) = b.next_event().await {
+            if b.recovering() {
+                match tokio::time::timeout(batch::CANCEL_AGAIN, b.next_event()).await {
+                    Ok(Some(event)) => return Settled(Settling::Batch(event)),
+                    Ok(None) => {}
+                    Err(_) => return Settled(Settling::Cancel),
+                }
+            } else if let Some(event) = b.next_event().await {
                 return Settled(Settling::Batch(event));
             }
             if b.busy() {
@@ -452,6 +466,7 @@ impl Applier {
                 Some(b) => b.send_ready().await,
                 None => Ok(()),
             },
+            Settling::Cancel => self.cancel_sessions().await,
         }
     }
 

@@ -149,7 +149,7 @@ pub(crate) fn lookup(table: &str, keys: &[&str]) -> String {
     let origin = "pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)";
     format!(
         "SELECT t.tableoid::text || ':' || t.ctid::text, pg_catalog.to_jsonb(t)::text, \
-                ({origin}).timestamp, bdr.origin_node_id(({origin}).roident), ({origin}).roident \
+                ({origin}).timestamp, bdr.origin_node_id(({origin}).roident), bdr.xact_origin(t.xmin) \
            FROM {table} AS t \
           WHERE {} FOR UPDATE OF t",
         key_condition("t", keys, 1)

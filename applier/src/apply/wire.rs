@@ -15,25 +15,28 @@
 //!                       ◀── ReadyForQuery
 //! ```
 //!
-//! A reader task turns the replies into [`Event`]s; the writer is the
-//! caller. Reading on its own task means a large batch can be written
-//! while the server answers, without either side blocking on a full
-//! socket buffer.
+//! A reader task turns the replies into [`Event`]s, and a writer task
+//! writes what the caller hands it. Reading on its own task means a large
+//! batch can be written while the server answers, without either side
+//! blocking on a full socket buffer; writing on its own task means the
+//! caller never waits for a server that is not reading (with parallel
+//! apply, one session's server may wait for a transaction that the
+//! applier has yet to send to the other).
 
 use std::collections::HashMap;
 
-use bytes::{Buf, BytesMut};
+use bytes::Bytes;
+use bytes::BytesMut;
 use postgres_protocol::IsNull;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncWriteExt, WriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_postgres::config::Config;
 use tokio_postgres::types::{ToSql, Type};
 use tracing::{debug, trace};
 
 use super::param::Param;
-use crate::stream::transport::Socket;
 use crate::stream::{DbError, ReplicationClient, StreamError};
 
 /// A reply that matters to the batch.
@@ -52,7 +55,8 @@ pub(crate) enum Event {
 pub(super) struct Wire {
     /// Encoded, not yet written.
     out: BytesMut,
-    writer: WriteHalf<Box<dyn Socket>>,
+    /// To the writer task, which owns the socket's writing half.
+    writer: mpsc::UnboundedSender<Bytes>,
     events: mpsc::UnboundedReceiver<Result<Event, StreamError>>,
     /// Statement names by SQL text, for statements parsed on this session.
     statements: HashMap<String, String>,
@@ -64,11 +68,16 @@ pub(super) struct Wire {
     /// The reader task; it owns the socket's reading half, so the session
     /// only closes once it stops.
     reader: tokio::task::JoinHandle<()>,
+    /// The writer task.
+    writing: tokio::task::JoinHandle<()>,
+    /// The server process id of the session.
+    pid: Option<i32>,
 }
 
 impl Drop for Wire {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writing.abort();
     }
 }
 
@@ -85,7 +94,22 @@ impl Wire {
     /// Opens a session with `config` and starts its reader.
     pub(super) async fn connect(config: &Config) -> Result<Wire, StreamError> {
         let client = ReplicationClient::connect_session(config).await?;
-        let (mut reader, writer) = client.into_transport().split();
+        let pid = client.backend_pid();
+        let (mut reader, mut write_half) = client.into_transport().split();
+        let (writer, mut to_write) = mpsc::unbounded_channel::<Bytes>();
+        let writing = tokio::spawn(async move {
+            while let Some(mut buf) = to_write.recv().await {
+                let written = async {
+                    write_half.write_all_buf(&mut buf).await?;
+                    write_half.flush().await
+                }
+                .await;
+                if let Err(e) = written {
+                    debug!(error = %e, "batched apply session: writing failed");
+                    return;
+                }
+            }
+        });
         let (tx, events) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
             loop {
@@ -105,12 +129,19 @@ impl Wire {
         Ok(Wire {
             out: BytesMut::with_capacity(64 * 1024),
             writer,
+            writing,
             events,
             statements: HashMap::new(),
             unsent_parses: Vec::new(),
             next_name: 0,
             reader,
+            pid,
         })
+    }
+
+    /// The server process id of the session, if the server told it.
+    pub(super) fn pid(&self) -> Option<i32> {
+        self.pid
     }
 
     /// Bytes encoded and not yet written.
@@ -135,14 +166,11 @@ impl Wire {
         let tail = self.out.split_off(at);
         frontend::sync(&mut self.out);
         trace!(bytes = head.len() + self.out.len(), "sending batch");
-        let sent = async {
-            let mut both = (&mut head).chain(&mut self.out);
-            self.writer.write_all_buf(&mut both).await?;
-            self.writer.flush().await
-        }
-        .await;
-        self.out.clear();
+        let batch = self.out.split();
         self.out.unsplit(tail);
+        let sent = self
+            .write(head.freeze())
+            .and_then(|()| self.write(batch.freeze()));
         sent?;
         self.unsent_parses.retain_mut(|(start, _)| {
             let kept = *start >= at;
@@ -206,10 +234,21 @@ impl Wire {
     /// Writes everything in the buffer.
     async fn send(&mut self) -> Result<(), StreamError> {
         trace!(bytes = self.out.len(), "sending batch");
-        self.writer.write_all(&self.out).await?;
-        self.out.clear();
-        self.writer.flush().await?;
-        Ok(())
+        let all = self.out.split().freeze();
+        self.write(all)
+    }
+
+    /// Hands `bytes` to the writer task.
+    fn write(&self, bytes: Bytes) -> Result<(), StreamError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.writer.send(bytes).map_err(|_| {
+            StreamError::Io(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the batched apply session's writer stopped",
+            ))
+        })
     }
 
     /// The next reply (cancel safe).

@@ -114,6 +114,11 @@ impl ReplicationClient {
         Self::connect_mode(config, false).await
     }
 
+    /// The server process id of the connection (from its start-up).
+    pub(crate) fn backend_pid(&self) -> Option<i32> {
+        self.backend_pid
+    }
+
     /// The connection's framing, for a caller that speaks the protocol
     /// itself from here on.
     pub(crate) fn into_transport(self) -> Transport {
