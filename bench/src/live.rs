@@ -35,6 +35,7 @@ pub fn run(pairs: &mut [Pair], sizes: &Sizes, report: &mut Report) -> anyhow::Re
                     | System::BdrPipelined
                     | System::BdrStatements
                     | System::BdrNoStream
+                    | System::BdrParallel
             )
         })
         .collect();

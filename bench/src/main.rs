@@ -199,12 +199,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Which pair stands for which system: the built-in pair twice, with
-/// the subscription in text and in binary mode; the bdr pair six times:
+/// the subscription in text and in binary mode; the bdr pair seven times:
 /// as it runs, applying one statement at a time, pipelined without
-/// batches, without conflict detection, and batching statements without
-/// the server's apply function (the last three for catch-up only: they
-/// are for comparison), and asking for whole transactions only (for the
-/// one large transaction only).
+/// batches, without conflict detection, batching statements without the
+/// server's apply function, and on two batched sessions (parallel apply;
+/// those four for catch-up only: they are for comparison), and asking for
+/// whole transactions only (for the one large transaction only).
 fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
     let mut out = Vec::new();
     for (i, pair) in pairs.iter().enumerate() {
@@ -216,6 +216,7 @@ fn plan(pairs: &[Pair]) -> Vec<(usize, System)> {
                 out.push((i, System::BdrPlain));
                 out.push((i, System::BdrStatements));
                 out.push((i, System::BdrNoStream));
+                out.push((i, System::BdrParallel));
             }
             Kind::Builtin => {
                 out.push((i, System::Builtin));

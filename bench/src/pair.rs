@@ -331,6 +331,7 @@ impl Pair {
                     System::BdrPlain => &[("BDR_APPLY_DETECT_CONFLICTS", "off")],
                     System::BdrStatements => &[("BDR_APPLY_IN_SERVER", "off")],
                     System::BdrNoStream => &[("BDR_STREAMING", "off")],
+                    System::BdrParallel => &[("BDR_PARALLEL_APPLY", "on")],
                     _ => &[],
                 }
             }

@@ -29,6 +29,9 @@ pub enum System {
     /// bdr asking for whole transactions only (`BDR_STREAMING=off`), for
     /// the one large transaction (2a): what streaming buys.
     BdrNoStream,
+    /// bdr applying on two batched sessions (`BDR_PARALLEL_APPLY=on`):
+    /// what parallel apply buys.
+    BdrParallel,
     Builtin,
     BuiltinBinary,
     Pglogical,
@@ -36,13 +39,14 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 10] = [
+    pub const ALL: [System; 11] = [
         System::Bdr,
         System::BdrSerial,
         System::BdrPipelined,
         System::BdrPlain,
         System::BdrStatements,
         System::BdrNoStream,
+        System::BdrParallel,
         System::Builtin,
         System::BuiltinBinary,
         System::Pglogical,
@@ -58,6 +62,7 @@ impl System {
             System::BdrPlain => "bdr_no_detection",
             System::BdrStatements => "bdr_statements",
             System::BdrNoStream => "bdr_no_stream",
+            System::BdrParallel => "bdr_parallel",
             System::Builtin => "builtin",
             System::BuiltinBinary => "builtin_binary",
             System::Pglogical => "pglogical",
@@ -73,6 +78,7 @@ impl System {
             System::BdrPlain => "bdr no detect",
             System::BdrStatements => "bdr stmts",
             System::BdrNoStream => "bdr no stream",
+            System::BdrParallel => "bdr parallel",
             System::Builtin => "built-in",
             System::BuiltinBinary => "built-in bin",
             System::Pglogical => "pglogical",
