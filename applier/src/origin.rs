@@ -44,9 +44,12 @@ pub(crate) const CREATE_ORIGIN: &str = "SELECT pg_catalog.pg_replication_origin_
 /// triggers and foreign keys behave as on a replica; a commit does not
 /// wait for the WAL flush (nor for this node's synchronous standbys): the
 /// flush position sent to the peer comes from the origin's progress read
-/// with a flush (see the `peer` module), never from a COMMIT.
-pub(crate) const APPLY_SETTINGS: &str =
-    "SET session_replication_role = replica; SET synchronous_commit = off";
+/// with a flush (see the `peer` module), never from a COMMIT. A session
+/// whose applier is gone stops within a second even in the middle of a
+/// call (one of parallel apply's may wait for a transaction of the other
+/// session that will never commit, holding its rows meanwhile).
+pub(crate) const APPLY_SETTINGS: &str = "SET session_replication_role = replica; \
+     SET synchronous_commit = off; SET client_connection_check_interval = 1000";
 
 /// Creates the origin for `peer` if missing, binds the session of `client`
 /// to it, makes the session apply as a replica, and returns the peer's

@@ -689,3 +689,37 @@ fn crash_after_three_commits(env: &[(&str, &str)]) -> u32 {
     );
     committed
 }
+
+#[test]
+fn parallel_apply_can_be_turned_off_and_on_again() {
+    let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
+    let write = |mesh: &Mesh, from: i32| {
+        for i in from..from + 200 {
+            mesh.node("a").safe_psql(&format!(
+                "INSERT INTO t VALUES ({i}, 'a', 0); UPDATE t SET n = n + 1 WHERE id = {}",
+                i / 2
+            ));
+        }
+    };
+    let parallel = [
+        ("BDR_PARALLEL_APPLY", "on"),
+        ("RUST_LOG", "info,bdr_applier=debug"),
+    ];
+    let serial = [
+        ("BDR_PARALLEL_APPLY", "off"),
+        ("RUST_LOG", "info,bdr_applier=debug"),
+    ];
+    for (round, env) in [parallel, serial, parallel].iter().enumerate() {
+        // Each round is a backlog for b's applier, started anew.
+        mesh.applier("b").stop();
+        write(&mesh, round as i32 * 200);
+        mesh.applier("b").restart_with_env(env);
+        mesh.wait_for_catchup();
+        assert_eq!(
+            mesh.assert_same("SELECT count(*), sum(n) FROM t"),
+            format!("{}|{}", (round + 1) * 200, (round + 1) * 200),
+            "round {round}:\n{}",
+            mesh.applier("b").log()
+        );
+    }
+}
