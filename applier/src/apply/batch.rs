@@ -253,6 +253,18 @@ struct Side<'a> {
     status: &'a mut u8,
 }
 
+/// The end LSN of the last COMMIT among replies awaited: where a session's
+/// origin is once its batches in flight are all committed.
+fn last_commit(sent: &VecDeque<Tag>) -> Option<Lsn> {
+    sent.iter().rev().find_map(|t| match t {
+        Tag::Stmt {
+            kind: Kind::Commit(lsn),
+            ..
+        } => Some(*lsn),
+        _ => None,
+    })
+}
+
 /// Keys remembered before those of committed transactions are dropped.
 const MAX_KEYS: usize = 1 << 16;
 
@@ -851,13 +863,7 @@ impl Batch {
         let Some((seq, lsn)) = lane.call.last.take() else {
             return Ok(());
         };
-        let behind = lane.sent.iter().rev().find_map(|t| match t {
-            Tag::Stmt {
-                kind: Kind::Commit(lsn),
-                ..
-            } => Some(*lsn),
-            _ => None,
-        });
+        let behind = last_commit(&lane.sent);
         lane.wire
             .execute(APPLY_TRANSACTIONS, &[Param::Binary(&lane.call.buf)])?;
         lane.call.buf.clear();
@@ -965,13 +971,7 @@ impl Batch {
         // Behind a batch in flight, the server first checks that it
         // committed all of its transactions: their last end LSN is the
         // origin's progress.
-        let after = self.sent.iter().rev().find_map(|t| match t {
-            Tag::Stmt {
-                kind: Kind::Commit(lsn),
-                ..
-            } => Some(*lsn),
-            _ => None,
-        });
+        let after = last_commit(&self.sent);
         let check = after.map(|lsn| [Param::eight_bytes(lsn)]);
         self.wire
             .send_batch(bytes, check.as_ref().map(|p| (CHECK_PROGRESS, &p[..])))
