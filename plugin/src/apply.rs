@@ -510,11 +510,12 @@ fn order_lock(origin: u32, end_lsn: u64) -> pg_sys::LOCKTAG {
 }
 
 /// Waits until the transaction `after` names has committed: until its
-/// session's replication origin is at its end LSN. While that
-/// transaction applies, it holds its [`order_lock`], which is waited for
-/// as any lock is, so that PostgreSQL's deadlock detector sees a cycle
-/// with a row lock; before it has begun, the origin is looked at again
-/// every millisecond. A transaction that never commits (it failed, its
+/// session's replication origin is at its end LSN. First the origin is
+/// looked at for some tens of microseconds (it is most often about to
+/// commit); then, while that transaction applies, it holds its
+/// [`order_lock`], which is waited for as any lock is, so that
+/// PostgreSQL's deadlock detector sees a cycle with a row lock; before it
+/// has begun, the origin is looked at again every millisecond. A transaction that never commits (it failed, its
 /// session is gone) is waited for until the call is cancelled.
 ///
 /// # Safety
