@@ -416,12 +416,23 @@ pub unsafe extern "C-unwind" fn apply_transactions(
                 locked += 1;
             }
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-            let origins: Option<Vec<u32>> = t.origin.map(|o| {
-                std::iter::once(o)
-                    .chain(t.siblings.iter().copied())
-                    .collect()
-            });
-            apply(t.changes, origins.as_deref());
+            // The origins whose rows it may change: no allocation for
+            // one session's (the batched path runs this per transaction).
+            let (one, more): ([u32; 1], Vec<u32>);
+            let origins = match t.origin {
+                None => None,
+                Some(o) if t.siblings.is_empty() => {
+                    one = [o];
+                    Some(&one[..])
+                }
+                Some(o) => {
+                    more = std::iter::once(o)
+                        .chain(t.siblings.iter().copied())
+                        .collect();
+                    Some(&more[..])
+                }
+            };
+            apply(t.changes, origins);
             pg_sys::PopActiveSnapshot();
             if let Some(after) = &t.after {
                 wait_for(after);

@@ -372,6 +372,20 @@ fn waits(pid: i32, event: &str) -> String {
     )
 }
 
+/// An ordered transaction without origin check, ending at `end_lsn`,
+/// waiting for the one of origin `after.0` ending at `after.1`, if given.
+fn ordered(end_lsn: u64, changes: &[u8], after: Option<(u32, u64)>) -> Transaction<'_> {
+    Transaction {
+        end_lsn,
+        commit_time: 0,
+        origin: None,
+        siblings: Vec::new(),
+        after: after.map(|(origin, end_lsn)| After { origin, end_lsn }),
+        ordered: true,
+        changes,
+    }
+}
+
 #[test]
 fn a_transaction_commits_after_the_one_it_waits_for() {
     let node = node();
@@ -385,17 +399,8 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
         pid_a,
         pid_b,
     } = sessions(&node);
-    let txn = move |end_lsn: u64, changes: &'static [u8], after: Option<u64>| Transaction {
-        end_lsn,
-        commit_time: 0,
-        origin: None,
-        siblings: Vec::new(),
-        after: after.map(|end_lsn| After {
-            origin: origin_a,
-            end_lsn,
-        }),
-        ordered: true,
-        changes,
+    let txn = move |end_lsn: u64, changes: &'static [u8], after: Option<u64>| {
+        ordered(end_lsn, changes, after.map(|lsn| (origin_a, lsn)))
     };
     let first: &'static [u8] = update_t(&rel, 1, "first").leak();
     let second: &'static [u8] = update_t(&rel, 2, "second").leak();
@@ -517,29 +522,10 @@ fn a_wait_for_a_transaction_that_waits_for_a_row_is_a_deadlock() {
     let second: &'static [u8] = update_t(&rel, 1, "second").leak();
     // B applies the later transaction first: it writes row 1, then waits
     // for A's transaction, which then waits for row 1.
-    let later = Transaction {
-        end_lsn: 0x200,
-        commit_time: 0,
-        origin: None,
-        siblings: Vec::new(),
-        after: Some(After {
-            origin: origin_a,
-            end_lsn: 0x100,
-        }),
-        ordered: true,
-        changes: second,
-    };
+    let later = ordered(0x200, second, Some((origin_a, 0x100)));
     let waiting = std::thread::spawn(move || call_transactions(&mut b, &[later]));
     node.poll_query_until(&waits(pid_b, "Extension/Extension"), "t");
-    let earlier = Transaction {
-        end_lsn: 0x100,
-        commit_time: 0,
-        origin: None,
-        siblings: Vec::new(),
-        after: None,
-        ordered: true,
-        changes: first,
-    };
+    let earlier = ordered(0x100, first, None);
     let result_a = call_transactions(&mut a, &[earlier]);
     // PostgreSQL's deadlock detector ends one of them. If it is A, B
     // waits on for a transaction that will not commit, until cancelled.

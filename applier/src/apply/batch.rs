@@ -236,8 +236,8 @@ struct Parallel {
     /// The session the next transaction goes to unless it touches a key
     /// of one not known committed.
     next: usize,
-    /// When the sessions were last cancelled after a failure.
-    cancelled: Option<tokio::time::Instant>,
+    /// Whether the sessions were cancelled since the last failure.
+    cancelled: bool,
     /// Whether the last transaction went out as statements.
     after_statements: bool,
     /// How many keys may be noted before those of committed transactions
@@ -563,7 +563,7 @@ impl Batch {
             keys: HashMap::new(),
             open_keys: Vec::new(),
             next: 0,
-            cancelled: None,
+            cancelled: false,
             after_statements: false,
             prune_at: MAX_KEYS,
         });
@@ -1292,7 +1292,7 @@ impl Applier {
         let Some(p) = self.batch.as_mut().and_then(|b| b.par.as_mut()) else {
             return Ok(());
         };
-        p.cancelled = Some(tokio::time::Instant::now());
+        p.cancelled = true;
         let pids = [p.seats[0].pid, p.seats[1].pid];
         debug!(
             ?pids,
@@ -1383,7 +1383,7 @@ impl Applier {
                 while matches!(sent.front(), Some(Tag::Stmt { .. })) {
                     sent.pop_front();
                 }
-                if first && parallel && b.par.as_ref().is_some_and(|p| p.cancelled.is_none()) {
+                if first && parallel && b.par.as_ref().is_some_and(|p| !p.cancelled) {
                     self.cancel_sessions().await?;
                 }
                 Ok(())
@@ -1407,7 +1407,7 @@ impl Applier {
                     let main = b.failed.take();
                     let other = b.par.as_mut().and_then(|p| p.lane.failed.take());
                     if let Some(p) = b.par.as_mut() {
-                        p.cancelled = None;
+                        p.cancelled = false;
                     }
                     let failure = match (main, other) {
                         (Some(a), Some(o)) => {
