@@ -1312,9 +1312,14 @@ unsafe fn find(
         let xid = pg_sys::TransactionId::from_inner(xmin.value() as u32);
         let mut ts: pg_sys::TimestampTz = 0;
         let mut writer: pg_sys::RepOriginId = 0;
+        // A row written through another of the applier's origins for the
+        // same peer (`bdr_<peer>_<n>`, parallel apply's lane, say while
+        // parallel apply is off now) is the peer's too: looked up only when
+        // the writer is none of the origins given.
         if !null
             && pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut writer)
             && !origin.contains(&u32::from(writer))
+            && !origin.contains(&u32::from(crate::peer_origin(writer)))
         {
             let expected: Vec<String> = origin.iter().map(u32::to_string).collect();
             raise(

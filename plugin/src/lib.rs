@@ -92,7 +92,7 @@ pub unsafe extern "C-unwind" fn xact_origin(fcinfo: pg_sys::FunctionCallInfo) ->
 ///
 /// # Safety
 /// Must run in a backend, in a transaction.
-unsafe fn peer_origin(origin: pg_sys::RepOriginId) -> pg_sys::RepOriginId {
+pub(crate) unsafe fn peer_origin(origin: pg_sys::RepOriginId) -> pg_sys::RepOriginId {
     if origin == 0 {
         return origin;
     }

@@ -504,6 +504,24 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
         ),
         "t|170"
     );
+    // The server's own search takes such a row as the peer's too, without
+    // being told the lane's origin (as when parallel apply is off again),
+    // and refuses it for any other origin.
+    let peer_aa: u32 = node
+        .safe_psql(
+            "SELECT roident FROM pg_replication_origin WHERE roname = 'bdr_00000000000000aa'",
+        )
+        .parse()
+        .unwrap();
+    let lane_row: &'static [u8] = update_t(&rel, 2, "peer").leak();
+    let mut by_peer = ordered(0x600, lane_row, None);
+    by_peer.origin = Some(origin_b);
+    let (code, message) =
+        call_transactions(&mut b, std::slice::from_ref(&by_peer)).expect_err("another peer");
+    assert_eq!(code, "P0002", "{message}");
+    by_peer.origin = Some(peer_aa);
+    assert_eq!(call_transactions(&mut b, &[by_peer]), Ok(()));
+    assert_eq!(node.safe_psql("SELECT t FROM v WHERE id = 2"), "peer");
 }
 
 #[test]
