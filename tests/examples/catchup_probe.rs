@@ -8,6 +8,9 @@
 //! figures of its walsender and apply worker; `RUNS` rounds (default 3).
 //! `PERF=file` records the whole machine during each catch-up with
 //! `perf record -a --call-graph dwarf` (file, file.1, ...).
+//! `CONFLICTS=1` makes every UPDATE a conflict: before each round b
+//! rewrites all rows through a replication origin of its own (not sent to
+//! a), so each row a updates was last written on b by another origin.
 //! Run it with
 //!
 //! ```sh
@@ -30,6 +33,7 @@ fn main() {
     let tx = env_u64("TX", 100_000);
     let runs = env_u64("RUNS", 3);
     let builtin = std::env::var("SYSTEM").as_deref() == Ok("builtin");
+    let conflicts = std::env::var("CONFLICTS").as_deref() == Ok("1");
     let mut mesh = Mesh::new(
         &["a", "b"],
         "CREATE TABLE acc (aid int PRIMARY KEY, abalance int, filler char(84));
@@ -75,6 +79,14 @@ fn main() {
             mesh.node("a").safe_psql("CHECKPOINT");
             mesh.wait_for_catchup();
             mesh.applier("b").stop();
+        }
+        if conflicts {
+            mesh.node("b").safe_psql(
+                "SELECT pg_replication_origin_create('probe_local') \
+                  WHERE NOT EXISTS (SELECT FROM pg_replication_origin WHERE roname = 'probe_local'); \
+                 SELECT pg_replication_origin_session_setup('probe_local'); \
+                 UPDATE acc SET filler = 'b'",
+            );
         }
         let port = mesh.node("a").port().to_string();
         let per_client = (tx / 4).to_string();

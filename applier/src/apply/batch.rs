@@ -191,6 +191,10 @@ pub(super) struct Batch {
     status: u8,
     /// The second batched session of parallel apply, when open.
     par: Option<Parallel>,
+    /// Unwritten bytes after which the applier waits for a batch in
+    /// flight: [`MAX_UNSENT`], down to [`MIN_UNSENT`] after a failure and
+    /// doubled at each batch that goes through (see [`MIN_UNSENT`]).
+    limit: usize,
 }
 
 /// The second batched session of parallel apply: it applies the
@@ -406,6 +410,15 @@ fn apply_in_server() -> bool {
 /// before encoding more.
 const MAX_UNSENT: usize = 4 << 20;
 
+/// The limit of unwritten bytes after a failed batch: a transaction or
+/// two. Everything sent behind a failed transaction is skipped by the
+/// server, then encoded and sent again; with batches of [`MAX_UNSENT`]
+/// (tens of thousands of small transactions) a conflict every few
+/// transactions, as after a partition, made each conflict cost that much
+/// again. From there the limit doubles with every batch that goes
+/// through, back to [`MAX_UNSENT`] after 13.
+const MIN_UNSENT: usize = 512;
+
 /// The error `bdr.apply_require_row` raises (no_data_found).
 const NO_ROW: &str = "P0002";
 
@@ -473,6 +486,7 @@ impl Batch {
             open_at: None,
             in_flight: 0,
             depth,
+            limit: MAX_UNSENT,
             failed: None,
             kept: VecDeque::new(),
             next_seq: 0,
@@ -778,7 +792,7 @@ impl Batch {
         );
         call.last = Some((seq, end_lsn));
         self.open_at = None;
-        if lane == 0 && self.call.buf.len() >= CALL_BYTES {
+        if lane == 0 && self.call.buf.len() >= CALL_BYTES.min(self.limit) {
             self.flush_call()?;
         }
         Ok(true)
@@ -1032,10 +1046,10 @@ impl Applier {
         b.send_ready().await?;
         // Until a batch in flight is answered and what waits goes out.
         while self.batch.as_ref().is_some_and(|b| {
-            (b.in_flight > 0 && b.wire.unsent() >= MAX_UNSENT)
+            (b.in_flight > 0 && b.wire.unsent() >= b.limit)
                 || b.par
                     .as_ref()
-                    .is_some_and(|p| p.lane.in_flight > 0 && p.lane.call.buf.len() >= MAX_UNSENT)
+                    .is_some_and(|p| p.lane.in_flight > 0 && p.lane.call.buf.len() >= b.limit)
         }) {
             self.settle_batch_one().await?;
             if let Some(b) = self.batch.as_mut() {
@@ -1430,6 +1444,7 @@ impl Applier {
                         char::from(status)
                     )));
                 }
+                b.limit = (2 * b.limit).min(MAX_UNSENT);
                 b.send_ready().await
             }
         }
@@ -1442,6 +1457,7 @@ impl Applier {
     async fn recover(&mut self, failure: Failure) -> Result<(), ApplyError> {
         let Failure { seq, why, code } = failure;
         let b = self.batch.as_mut().expect("batched");
+        b.limit = MIN_UNSENT;
         // What was encoded since is applied again too, from its messages.
         b.drop_unsent();
         if b.status != b'I' {
