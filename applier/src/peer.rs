@@ -26,6 +26,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bdr_protocol::{DatumFormats, DecodeError, Message, Messages, NodeId, StartupOptions};
@@ -302,6 +303,39 @@ async fn answer_of(flushing: &mut Option<Flushing>) -> Result<u64, tokio_postgre
     }
 }
 
+/// Runs `work`, a step of the apply, repeating the status update every
+/// [`STATUS_INTERVAL`] while it lasts. A step may take long (a failed
+/// batch applied again one statement at a time, conflicts and all, or a
+/// wait for a local lock), the stream is not read meanwhile, and the peer's
+/// walsender ends a connection whose client stays silent for its
+/// `wal_sender_timeout`. Most steps are done at their first poll, without
+/// a timer.
+async fn keeping_alive<T>(
+    stream: &mut ReplicationStream,
+    positions: (Lsn, Lsn),
+    sent: &mut (Lsn, Lsn),
+    last_status: &mut Instant,
+    work: impl Future<Output = T>,
+) -> Result<T, StreamError> {
+    let mut work = std::pin::pin!(work);
+    if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await {
+        return Ok(out);
+    }
+    loop {
+        let due = tokio::time::Instant::from_std(*last_status + STATUS_INTERVAL);
+        tokio::select! {
+            biased;
+            out = &mut work => return Ok(out),
+            () = tokio::time::sleep_until(due) => {
+                let (applied, flushed) = positions;
+                stream.send_status_update(applied, flushed, applied, false).await?;
+                *sent = positions;
+                *last_status = Instant::now();
+            }
+        }
+    }
+}
+
 /// A streaming session's state.
 struct Session {
     stream: ReplicationStream,
@@ -356,7 +390,15 @@ impl Session {
                 // the last COMMIT's once the stream goes quiet; a batch
                 // waiting to go out goes.
                 settled = self.applier.next_settled(), if self.applier.busy() => {
-                    self.applier.on_settled(settled).await.map_err(|source| SessionError::Apply {
+                    keeping_alive(
+                        &mut self.stream,
+                        (self.applied, self.flushed),
+                        &mut self.sent,
+                        &mut self.last_status,
+                        self.applier.on_settled(settled),
+                    )
+                    .await?
+                    .map_err(|source| SessionError::Apply {
                         lsn: self.flushed,
                         txn: None,
                         source,
@@ -465,7 +507,15 @@ impl Session {
                 continue;
             }
             let raw = frame.slice(start..messages.offset());
-            if let Err(source) = self.applier.handle(frame, raw, &msg).await {
+            let handled = keeping_alive(
+                &mut self.stream,
+                (self.applied, self.flushed),
+                &mut self.sent,
+                &mut self.last_status,
+                self.applier.handle(frame, raw, &msg),
+            )
+            .await?;
+            if let Err(source) = handled {
                 let txn = self.applier.current_txn();
                 return Err(SessionError::Apply { lsn, txn, source });
             }

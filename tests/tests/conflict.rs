@@ -530,3 +530,42 @@ fn a_batch_behind_a_failed_one_applies_nothing() {
         "{log}"
     );
 }
+
+#[test]
+fn a_conflict_waiting_for_a_local_lock_keeps_the_stream_from_the_peer() {
+    // The test clusters end a replication connection whose client is
+    // silent for 5 s (wal_sender_timeout); here the applier spends 8 s on
+    // one failed batch applied again, waiting to record its conflict.
+    let mut mesh = pair("INSERT INTO t VALUES (1, 'a')");
+    mesh.node("b")
+        .safe_psql("UPDATE t SET v = 'b' WHERE id = 1");
+    mesh.wait_for_catchup();
+    let mut lock = mesh.node("b").connect();
+    lock.batch_execute("BEGIN; LOCK TABLE bdr.conflict_history IN EXCLUSIVE MODE")
+        .unwrap();
+    mesh.node("a")
+        .safe_psql("UPDATE t SET v = 'a2' WHERE id = 1");
+    mesh.node("b").poll_query_until(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted \
+            AND relation = 'bdr.conflict_history'::regclass",
+        "1",
+    );
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    lock.batch_execute("COMMIT").unwrap();
+    mesh.wait_for_catchup();
+    assert_eq!(mesh.assert_same("SELECT id, v FROM t"), "1|a2");
+    assert_eq!(
+        history(mesh.node("b")),
+        "update_origin_differs|apply_remote"
+    );
+    let log = mesh.applier("b").log();
+    assert!(
+        !log.contains("apply from peer stopped"),
+        "b's stream from a broke:\n{log}"
+    );
+    let server = mesh.node("a").log_tail(200);
+    assert!(
+        !server.contains("replication timeout"),
+        "a's walsender gave up on b:\n{server}"
+    );
+}
