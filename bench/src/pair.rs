@@ -363,10 +363,29 @@ impl Pair {
                 return Ok(now);
             }
             if now > deadline {
+                let applier = self.applier.as_ref().map(|a| a.log()).unwrap_or_default();
+                let lines: Vec<&str> = applier.lines().collect();
+                let activity = self
+                    .poll
+                    .query(
+                        "SELECT format('%s %s %s/%s %s', pid, state, wait_event_type, \
+                         wait_event, left(query, 120)) FROM pg_stat_activity \
+                         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                        &[],
+                    )
+                    .map(|rows| {
+                        rows.iter()
+                            .map(|r| r.get::<_, String>(0))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
                 bail!(
-                    "{:?}: marker {id} not applied within {limit:?}; receiver log:\n{}",
+                    "{:?}: marker {id} not applied within {limit:?}; receiver log:\n{}\n\
+                     --- applier log tail ---\n{}\n--- receiver sessions ---\n{}",
                     self.kind,
-                    self.receiver.log_tail(20)
+                    self.receiver.log_tail(20),
+                    lines[lines.len().saturating_sub(40)..].join("\n"),
+                    activity.join("\n")
                 );
             }
             sleep(Duration::from_millis(5));
