@@ -144,6 +144,10 @@ fn main() {
         } else {
             mesh.applier("b").restart();
             mesh.wait_for_catchup_from("a");
+            // Every row there, whatever the applier reports.
+            let rows = mesh.node("a").safe_psql("SELECT count(*) FROM hist");
+            mesh.node("b")
+                .poll_query_until("SELECT count(*) FROM hist", &rows);
             let sessions = cpu_of_query(
                 mesh.node("b"),
                 "SELECT pid FROM pg_stat_activity \
