@@ -174,9 +174,9 @@ pub unsafe extern "C-unwind" fn apply_changes(fcinfo: pg_sys::FunctionCallInfo) 
     require_superuser("bdr.apply_changes");
     // SAFETY: a bytea argument, detoasted into the call's memory.
     let bytes = unsafe { bytea_arg(&args[0], "bdr.apply_changes: the changes") };
-    let origin = arg(3).map(|d| [d.value() as u32]);
+    let origin = arg(3).map(|d| d.value() as u32);
     // SAFETY: runs in a backend, in a transaction (a SQL function call).
-    let applied = unsafe { apply(bytes, origin.as_ref().map(|o| &o[..])) };
+    let applied = unsafe { apply(bytes, origin) };
     if let Some(end_lsn) = arg(1) {
         record_commit(
             "bdr.apply_changes",
@@ -343,9 +343,9 @@ pub extern "C" fn pg_finfo_apply_transactions() -> &'static pg_sys::Pg_finfo_rec
 /// before it, applied by another session, to wait for before it commits
 /// ([`wait_for`]), so that they commit in the peer's order and the
 /// highest progress among the origins is where the peer's stream is
-/// applied up to (an ordered one holds the lock such a wait waits for);
-/// and the other sessions' origins, whose rows its UPDATEs and DELETEs
-/// may change as well as its own origin's.
+/// applied up to (an ordered one holds the lock such a wait waits for).
+/// Rows written through the other sessions' origins are the peer's as
+/// much as rows of the transaction's own origin ([`find`]).
 ///
 /// # Safety
 /// Called by PostgreSQL's function manager with one argument, through
@@ -416,23 +416,7 @@ pub unsafe extern "C-unwind" fn apply_transactions(
                 locked += 1;
             }
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-            // The origins whose rows it may change: no allocation for
-            // one session's (the batched path runs this per transaction).
-            let (one, more): ([u32; 1], Vec<u32>);
-            let origins = match t.origin {
-                None => None,
-                Some(o) if t.siblings.is_empty() => {
-                    one = [o];
-                    Some(&one[..])
-                }
-                Some(o) => {
-                    more = std::iter::once(o)
-                        .chain(t.siblings.iter().copied())
-                        .collect();
-                    Some(&more[..])
-                }
-            };
-            apply(t.changes, origins);
+            apply(t.changes, t.origin);
             pg_sys::PopActiveSnapshot();
             if let Some(after) = &t.after {
                 wait_for(after);
@@ -590,7 +574,7 @@ unsafe fn wait_for(after: &bdr_protocol::apply::After) {
 ///
 /// # Safety
 /// Must run in a backend, inside a transaction.
-unsafe fn apply(bytes: &[u8], origin: Option<&[u32]>) -> i64 {
+unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
     let (relations, start, messages) = match read_changes(bytes) {
         Ok(parts) => parts,
         Err(e) => bad_input(format!("bdr.apply_changes: {e}")),
@@ -1146,8 +1130,9 @@ unsafe fn finder(
 }
 
 /// Finds the local row whose key columns hold the key values of `tuple`,
-/// last written by `origin` (or by an unknown writer); anything else is
-/// an ERROR (see the module documentation).
+/// last written by `origin`, by another of the applier's origins for the
+/// same peer (`bdr_<peer>_<n>`, parallel apply's), or by an unknown
+/// writer; anything else is an ERROR (see the module documentation).
 ///
 /// The search is `RelationFindReplTupleByIndex`'s (a dirty snapshot,
 /// waiting for a transaction that is writing the row and looking again)
@@ -1166,7 +1151,7 @@ unsafe fn find(
     target: &mut Target,
     entry: &mut Described,
     tuple: &[Value<'_>],
-    origin: Option<&[u32]>,
+    origin: Option<u32>,
     cache_cxt: pg_sys::MemoryContext,
     lock: bool,
     what: &str,
@@ -1312,22 +1297,18 @@ unsafe fn find(
         let xid = pg_sys::TransactionId::from_inner(xmin.value() as u32);
         let mut ts: pg_sys::TimestampTz = 0;
         let mut writer: pg_sys::RepOriginId = 0;
-        // A row written through another of the applier's origins for the
-        // same peer (`bdr_<peer>_<n>`, parallel apply's lane, say while
-        // parallel apply is off now) is the peer's too: looked up only when
-        // the writer is none of the origins given.
+        // The name of an origin not `origin` is looked up: it may be
+        // another of the applier's for the same peer.
         if !null
             && pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut writer)
-            && !origin.contains(&u32::from(writer))
-            && !origin.contains(&u32::from(crate::peer_origin(writer)))
+            && u32::from(writer) != origin
+            && u32::from(crate::peer_origin(writer)) != origin
         {
-            let expected: Vec<String> = origin.iter().map(u32::to_string).collect();
             raise(
                 NO_ROW,
                 format!(
-                    "bdr.apply_changes: {what}: the row of table {} was last written by origin {writer}, not {}",
+                    "bdr.apply_changes: {what}: the row of table {} was last written by origin {writer}, not {origin}",
                     (*rel).rd_id,
-                    expected.join(" or ")
                 ),
                 None,
             );

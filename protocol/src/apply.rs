@@ -164,11 +164,10 @@ pub struct Transaction<'a> {
     /// Its commit time, recorded with it.
     pub commit_time: i64,
     /// The replication origin whose rows its UPDATEs and DELETEs may
-    /// change (`None`: any).
+    /// change (`None`: any); the server takes the origins of the other
+    /// sessions applying the same peer's transactions (`bdr_<peer>_<n>`)
+    /// as this one.
     pub origin: Option<u32>,
-    /// More replication origins whose rows they may change: those of the
-    /// other sessions applying the same peer's transactions.
-    pub siblings: Vec<u32>,
     /// The transaction before it, applied by another session: this one
     /// commits only once that one has.
     pub after: Option<After>,
@@ -191,7 +190,6 @@ pub struct After {
 /// The flags of a transaction.
 const HAS_ORIGIN: u8 = 0x01;
 const HAS_AFTER: u8 = 0x02;
-const HAS_SIBLINGS: u8 = 0x04;
 const ORDERED: u8 = 0x08;
 
 /// Starts the argument of `bdr.apply_transactions`:
@@ -199,10 +197,9 @@ const ORDERED: u8 = 0x08;
 /// ```text
 ///  transactions := version:u8 (1)  transaction*  (to the end)
 ///  transaction  := end_lsn:uvarint  commit_time:i64
-///                  flags:u8 (0x01: origin, 0x02: after, 0x04: siblings, 0x08: ordered)
+///                  flags:u8 (0x01: origin, 0x02: after, 0x08: ordered)
 ///                  [origin:uvarint]
 ///                  [after_origin:uvarint  after_end_lsn:uvarint]
-///                  [count:uvarint  sibling:uvarint*]
 ///                  changes:bytes (as apply_changes takes them)
 /// ```
 pub fn start_transactions<B: BufMut + ?Sized>(buf: &mut B) {
@@ -220,9 +217,6 @@ pub fn write_transaction<B: BufMut + ?Sized>(buf: &mut B, txn: &Transaction<'_>)
     if txn.after.is_some() {
         flags |= HAS_AFTER;
     }
-    if !txn.siblings.is_empty() {
-        flags |= HAS_SIBLINGS;
-    }
     if txn.ordered {
         flags |= ORDERED;
     }
@@ -233,12 +227,6 @@ pub fn write_transaction<B: BufMut + ?Sized>(buf: &mut B, txn: &Transaction<'_>)
     if let Some(after) = txn.after {
         put_uvarint(buf, u64::from(after.origin));
         put_uvarint(buf, after.end_lsn);
-    }
-    if !txn.siblings.is_empty() {
-        put_uvarint(buf, txn.siblings.len() as u64);
-        for s in &txn.siblings {
-            put_uvarint(buf, u64::from(*s));
-        }
     }
     put_uvarint(buf, txn.changes.len() as u64);
     buf.put_slice(txn.changes);
@@ -252,10 +240,7 @@ pub fn read_transactions(buf: &[u8]) -> Result<Vec<Transaction<'_>>, DecodeError
     while r.remaining() > 0 {
         let end_lsn = r.uvarint()?;
         let commit_time = r.i64_be()?;
-        let flags = r.flags(
-            "transaction flags",
-            HAS_ORIGIN | HAS_AFTER | HAS_SIBLINGS | ORDERED,
-        )?;
+        let flags = r.flags("transaction flags", HAS_ORIGIN | HAS_AFTER | ORDERED)?;
         let origin = if flags & HAS_ORIGIN != 0 {
             Some(r.u32("origin")?)
         } else {
@@ -269,19 +254,11 @@ pub fn read_transactions(buf: &[u8]) -> Result<Vec<Transaction<'_>>, DecodeError
         } else {
             None
         };
-        let mut siblings = Vec::new();
-        if flags & HAS_SIBLINGS != 0 {
-            let count = r.count("sibling count", MAX_LENGTH, 1)?;
-            for _ in 0..count {
-                siblings.push(r.u32("sibling origin")?);
-            }
-        }
         let changes = r.bytes("changes")?;
         out.push(Transaction {
             end_lsn,
             commit_time,
             origin,
-            siblings,
             after,
             ordered: flags & ORDERED != 0,
             changes,
@@ -351,7 +328,6 @@ mod tests {
                 end_lsn: 0x1_6b37_4d48,
                 commit_time: -5,
                 origin: Some(3),
-                siblings: vec![4, 70_000],
                 after: Some(After {
                     origin: 4,
                     end_lsn: 0x1_6b37_4c00,
@@ -363,7 +339,6 @@ mod tests {
                 end_lsn: 7,
                 commit_time: 1_000_000,
                 origin: None,
-                siblings: Vec::new(),
                 after: None,
                 ordered: false,
                 changes: &[],

@@ -90,8 +90,8 @@
 //! the two origins is committed, which is where a restart resumes and
 //! what the peer hears as flushed, and a confirmed COMMIT on either
 //! session confirms every transaction before it. Rows written through
-//! either origin are the peer's: the server's search takes both origins,
-//! `bdr.xact_origin` gives the lane's as the peer's. After a failure on
+//! either origin are the peer's: the server's search and
+//! `bdr.xact_origin` take the lane's (by its name) as the peer's. After a failure on
 //! either session, both are cancelled (a transaction behind the failed
 //! one would wait for it for ever), again every [`CANCEL_AGAIN`] until
 //! their batches are all answered; then everything not committed by the
@@ -754,22 +754,14 @@ impl Batch {
         let lane = self.deal(seq);
         // In the peer's order: after the transaction before it, when
         // that one went to the other session.
-        let (after, siblings) = match self.par.as_mut() {
-            Some(p) => {
-                let after = p.last.filter(|(l, _)| *l != lane).map(|(l, lsn)| After {
-                    origin: p.seats[l].roident,
-                    end_lsn: lsn,
-                });
-                p.last = Some((lane, end_lsn));
-                let siblings = if self.server.origin.is_some() {
-                    vec![p.seats[1].roident]
-                } else {
-                    Vec::new()
-                };
-                (after, siblings)
-            }
-            None => (None, Vec::new()),
-        };
+        let after = self.par.as_mut().and_then(|p| {
+            let after = p.last.filter(|(l, _)| *l != lane).map(|(l, lsn)| After {
+                origin: p.seats[l].roident,
+                end_lsn: lsn,
+            });
+            p.last = Some((lane, end_lsn));
+            after
+        });
         let ordered = self.par.is_some();
         let call = match (lane, self.par.as_mut()) {
             (1, Some(p)) => &mut p.lane.call,
@@ -784,7 +776,6 @@ impl Batch {
                 end_lsn,
                 commit_time,
                 origin: self.server.origin,
-                siblings,
                 after,
                 ordered,
                 changes: &self.server.payload,
