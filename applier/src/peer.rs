@@ -327,13 +327,28 @@ async fn keeping_alive<T>(
             biased;
             out = &mut work => return Ok(out),
             () = tokio::time::sleep_until(due) => {
-                let (applied, flushed) = positions;
-                stream.send_status_update(applied, flushed, applied, false).await?;
-                *sent = positions;
-                *last_status = Instant::now();
+                report(stream, positions, sent, last_status, false).await?;
             }
         }
     }
+}
+
+/// Sends a status update with `positions` (applied, flushed) and notes
+/// them as sent, now.
+async fn report(
+    stream: &mut ReplicationStream,
+    positions: (Lsn, Lsn),
+    sent: &mut (Lsn, Lsn),
+    last_status: &mut Instant,
+    reply_requested: bool,
+) -> Result<(), StreamError> {
+    let (applied, flushed) = positions;
+    stream
+        .send_status_update(applied, flushed, applied, reply_requested)
+        .await?;
+    *sent = positions;
+    *last_status = Instant::now();
+    Ok(())
 }
 
 /// A streaming session's state.
@@ -550,12 +565,14 @@ impl Session {
     }
 
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), SessionError> {
-        let (applied, flushed) = (self.applied, self.flushed);
-        self.stream
-            .send_status_update(applied, flushed, applied, reply_requested)
-            .await?;
-        self.sent = (applied, flushed);
-        self.last_status = Instant::now();
+        report(
+            &mut self.stream,
+            (self.applied, self.flushed),
+            &mut self.sent,
+            &mut self.last_status,
+            reply_requested,
+        )
+        .await?;
         Ok(())
     }
 

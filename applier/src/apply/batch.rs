@@ -1414,18 +1414,12 @@ impl Applier {
                     if let Some(p) = b.par.as_mut() {
                         p.cancelled = false;
                     }
-                    let failure = match (main, other) {
-                        (Some(a), Some(o)) => {
-                            if o.seq < a.seq {
-                                o
-                            } else {
-                                a
-                            }
-                        }
-                        (Some(a), None) => a,
-                        (None, Some(o)) => o,
-                        (None, None) => unreachable!("failing"),
-                    };
+                    // The earlier of the two, when both failed.
+                    let failure = [main, other]
+                        .into_iter()
+                        .flatten()
+                        .min_by_key(|f| f.seq)
+                        .expect("a session failed");
                     return self.recover(failure).await;
                 }
                 if status != b'I' {
