@@ -27,18 +27,39 @@ pub fn lane_name_for(node: NodeId) -> String {
 }
 
 /// The durable progress of a peer's transactions, given the name of its
-/// origin: the highest among that origin and the origins of the further
-/// sessions applying them (named after it, `_<n>`). Those sessions commit
-/// in the peer's order, so every transaction up to there is applied. The
-/// function flushes the local WAL up to it.
+/// origin: the lowest among that origin and the origins of the further
+/// sessions applying them (named after it, `_<n>`, parallel apply). Each
+/// session commits its own transactions in the peer's order, so every
+/// transaction up to there is applied. The function flushes the local WAL
+/// up to the last commit through each of them.
 pub(crate) const PEER_PROGRESS: &str =
-    "SELECT max(pg_catalog.pg_replication_origin_progress(roname, true))
+    "SELECT min(pg_catalog.pg_replication_origin_progress(roname, true))
        FROM pg_catalog.pg_replication_origin
       WHERE roname = $1 OR pg_catalog.starts_with(roname, $1 || '_')";
+
+/// The durable progress of the origins `$1` and `$2` (NULL: missing or
+/// never advanced).
+pub(crate) const BOTH_PROGRESS: &str =
+    "SELECT pg_catalog.pg_replication_origin_progress(roname, true)
+       FROM unnest(ARRAY[$1, $2]::text[]) WITH ORDINALITY AS o(name, n)
+       LEFT JOIN pg_catalog.pg_replication_origin ON roname = o.name
+      ORDER BY n";
 
 /// Creates the origin named `$1` if it is missing.
 pub(crate) const CREATE_ORIGIN: &str = "SELECT pg_catalog.pg_replication_origin_create($1)
               WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)";
+
+/// Takes the progress of the origin named `$1`, if it is there, back to
+/// none (as never advanced): an origin not in use, whose progress would
+/// be stale the next time. Not dropped: rows written through it are
+/// still told as the peer's by its name.
+pub(crate) const FORGET_PROGRESS: &str =
+    "SELECT pg_catalog.pg_replication_origin_advance(roname, '0/0')
+       FROM pg_catalog.pg_replication_origin WHERE roname = $1";
+
+/// Sets the progress of the origin `$1` (held by no session) to `$2`.
+pub(crate) const ADVANCE_ORIGIN: &str =
+    "SELECT pg_catalog.pg_replication_origin_advance($1, $2::text::pg_lsn)";
 
 /// The settings of every session that applies remote transactions:
 /// triggers and foreign keys behave as on a replica; a commit does not
@@ -51,14 +72,57 @@ pub(crate) const CREATE_ORIGIN: &str = "SELECT pg_catalog.pg_replication_origin_
 pub(crate) const APPLY_SETTINGS: &str = "SET session_replication_role = replica; \
      SET synchronous_commit = off; SET client_connection_check_interval = 1000";
 
+/// How far a peer's transactions are applied (see [`bind_session`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Progress {
+    /// The progress of the peer's origin (invalid: nothing applied yet).
+    pub own: Lsn,
+    /// The progress of the origin of parallel apply's second session,
+    /// when that origin exists and has been advanced.
+    pub lane: Option<Lsn>,
+}
+
+impl Progress {
+    /// Where the peer's stream resumes: every transaction up to there is
+    /// applied (each session commits its own in the peer's order).
+    pub(crate) fn start(&self) -> Lsn {
+        self.lane.map_or(self.own, |lane| lane.min(self.own))
+    }
+
+    /// Whether transactions between the two origins' progress may be
+    /// applied by one session and not by the other: applying them again
+    /// needs to know which session each was dealt to.
+    pub(crate) fn uneven(&self) -> bool {
+        self.lane.is_some_and(|lane| lane != self.own)
+    }
+}
+
+/// Reads the durable progress of `peer`'s origin and of its parallel
+/// apply origin (see [`BOTH_PROGRESS`]).
+pub(crate) async fn read_progress(
+    client: &Client,
+    peer: NodeId,
+) -> Result<Progress, tokio_postgres::Error> {
+    let rows = client
+        .query(BOTH_PROGRESS, &[&name_for(peer), &lane_name_for(peer)])
+        .await?;
+    let lsn = |i: usize| -> Result<Option<Lsn>, tokio_postgres::Error> {
+        let p: Option<PgLsn> = rows[i].try_get(0)?;
+        Ok(p.map(|p| Lsn(u64::from(p))).filter(|l| *l != Lsn::INVALID))
+    };
+    Ok(Progress {
+        own: lsn(0)?.unwrap_or(Lsn::INVALID),
+        lane: lsn(1)?,
+    })
+}
+
 /// Creates the origin for `peer` if missing, binds the session of `client`
 /// to it, makes the session apply as a replica, and returns the peer's
-/// durable progress (the end LSN of the last applied transaction, see
-/// [`PEER_PROGRESS`]; invalid when nothing was applied yet).
+/// durable progress (see [`Progress`]).
 pub(crate) async fn bind_session(
     client: &Client,
     peer: NodeId,
-) -> Result<Lsn, tokio_postgres::Error> {
+) -> Result<Progress, tokio_postgres::Error> {
     let name = name_for(peer);
     client.execute(CREATE_ORIGIN, &[&name]).await?;
     client
@@ -68,9 +132,7 @@ pub(crate) async fn bind_session(
         )
         .await?;
     client.batch_execute(APPLY_SETTINGS).await?;
-    let row = client.query_one(PEER_PROGRESS, &[&name]).await?;
-    let progress: Option<PgLsn> = row.try_get(0)?;
-    Ok(progress.map_or(Lsn::INVALID, |p| Lsn(u64::from(p))))
+    read_progress(client, peer).await
 }
 
 #[cfg(test)]

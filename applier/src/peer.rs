@@ -228,7 +228,8 @@ async fn session(
         )));
     }
     crate::catalog::record_peer_id(&client, &peer.name, peer_id).await?;
-    let start = origin::bind_session(&client, peer_id).await?;
+    let progress = origin::bind_session(&client, peer_id).await?;
+    let start = progress.start();
     let slot = origin::name_for(local.node_id);
     if let CreateSlot::Created(info) = repl
         .create_replication_slot(&slot, "bdr", SlotSnapshot::Nothing)
@@ -255,6 +256,7 @@ async fn session(
         local.apply_pipeline,
         batched,
         local.parallel_apply,
+        progress,
     )
     .await
     .map_err(|source| SessionError::Apply {
@@ -485,6 +487,9 @@ impl Session {
     /// was asked when the last commit was `committed` and the stream's
     /// idle end `idle_end`.
     fn on_durable(&mut self, durable: Lsn, committed: Lsn, idle_end: Option<Lsn>) {
+        // Every commit confirmed before the flush was asked is durable
+        // now: the flush went up to the last commit through each origin.
+        let durable = durable.max(committed);
         self.flushed = self.flushed.max(durable);
         if durable >= committed
             && let Some(end) = idle_end
@@ -590,6 +595,9 @@ impl Session {
             let (committed, idle_end) = (self.committed, self.idle_end);
             let durable = self.applier.durable_progress().await?;
             self.on_durable(Lsn(durable), committed, idle_end);
+            if let Err(e) = self.applier.even_out(committed.0).await {
+                warn!(error = %e, "bringing parallel apply's origins together failed");
+            }
             self.send_status(false).await?;
             self.stream.stop().await?;
         }

@@ -339,11 +339,11 @@ pub extern "C" fn pg_finfo_apply_transactions() -> &'static pg_sys::Pg_finfo_rec
 /// replication origin's progress tells how far that is.
 ///
 /// For sessions that apply one peer's transactions side by side, each
-/// with a replication origin of its own: a transaction may name the one
-/// before it, applied by another session, to wait for before it commits
-/// ([`wait_for`]), so that they commit in the peer's order and the
-/// highest progress among the origins is where the peer's stream is
-/// applied up to (an ordered one holds the lock such a wait waits for).
+/// with a replication origin of its own: a transaction may name an
+/// earlier one, applied by another session, to wait for before it
+/// applies anything ([`wait_for`]): one it depends on (an ordered one
+/// holds the lock such a wait waits for). It holds no lock while it
+/// waits; each session commits its own transactions in the peer's order.
 /// Rows written through the other sessions' origins are the peer's as
 /// much as rows of the transaction's own origin ([`find`]).
 ///
@@ -415,12 +415,13 @@ pub unsafe extern "C-unwind" fn apply_transactions(
                 }
                 locked += 1;
             }
-            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-            apply(t.changes, t.origin);
-            pg_sys::PopActiveSnapshot();
+            // Before its first change, holding no lock of its own.
             if let Some(after) = &t.after {
                 wait_for(after);
             }
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            apply(t.changes, t.origin);
+            pg_sys::PopActiveSnapshot();
             switch_to(outer);
             record_commit("bdr.apply_transactions", t.end_lsn, t.commit_time);
             pg_sys::SPI_commit();
@@ -508,10 +509,11 @@ fn order_lock(origin: u32, end_lsn: u64) -> pg_sys::LOCKTAG {
 /// session's replication origin is at its end LSN. First the origin is
 /// looked at for some tens of microseconds (it is most often about to
 /// commit); then, while that transaction applies, it holds its
-/// [`order_lock`], which is waited for as any lock is, so that
-/// PostgreSQL's deadlock detector sees a cycle with a row lock; before it
-/// has begun, the origin is looked at again every millisecond. A transaction that never commits (it failed, its
-/// session is gone) is waited for until the call is cancelled.
+/// [`order_lock`], which is waited for as any lock is (so that
+/// PostgreSQL's deadlock detector would see a cycle with a row lock);
+/// before it has begun, the origin is looked at again every millisecond.
+/// A transaction that never commits (it failed, its session is gone) is
+/// waited for until the call is cancelled.
 ///
 /// # Safety
 /// Must run in a backend, inside a transaction.

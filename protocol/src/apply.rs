@@ -168,8 +168,8 @@ pub struct Transaction<'a> {
     /// sessions applying the same peer's transactions (`bdr_<peer>_<n>`)
     /// as this one.
     pub origin: Option<u32>,
-    /// The transaction before it, applied by another session: this one
-    /// commits only once that one has.
+    /// An earlier transaction it depends on, applied by another session:
+    /// this one applies only once that one has committed.
     pub after: Option<After>,
     /// Whether a transaction of another session may wait for this one:
     /// it holds, until it ends, the lock such a transaction waits for.
@@ -179,7 +179,7 @@ pub struct Transaction<'a> {
 }
 
 /// A transaction applied by another session, which one waits for before
-/// it commits: it has committed once the replication origin `origin`
+/// it applies: it has committed once the replication origin `origin`
 /// (that session's) is at `end_lsn` or past it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct After {

@@ -634,7 +634,8 @@ fn table_created_again(env: &[(&str, &str)], function: &str) -> String {
 #[test]
 fn a_crash_between_local_commit_and_feedback_applies_nothing_twice() {
     // Pipelined without batches, the applier stops committing right there.
-    let committed = crash_after_three_commits(&[("BDR_APPLY_BATCH", "off")]);
+    let env = [("BDR_APPLY_BATCH", "off")];
+    let committed = crash_after_three_commits(&env, &env);
     assert_eq!(committed, 3);
 }
 
@@ -642,23 +643,76 @@ fn a_crash_between_local_commit_and_feedback_applies_nothing_twice() {
 fn a_crash_in_the_middle_of_a_batch_applies_nothing_twice() {
     // The server goes on with the batch already sent: what it commits
     // after the third is committed, and must not be applied again.
-    let committed = crash_after_three_commits(&[]);
+    let committed = crash_after_three_commits(&[], &[]);
     assert!((3..=5).contains(&committed), "{committed}");
 }
 
 #[test]
 fn a_crash_in_the_middle_of_parallel_batches_applies_nothing_twice() {
-    // Two sessions, each with its own origin, commit in a's order: the
-    // highest progress of the two is where b resumes.
-    let committed = crash_after_three_commits(&[("BDR_PARALLEL_APPLY", "on")]);
+    // Two sessions, each with its own origin, each committing its own
+    // transactions in a's order: b resumes at the lower progress of the
+    // two and skips what the session each transaction is dealt to has
+    // committed.
+    let parallel = [("BDR_PARALLEL_APPLY", "on")];
+    let committed = crash_after_three_commits(&parallel, &parallel);
+    assert!((3..=5).contains(&committed), "{committed}");
+}
+
+#[test]
+fn a_crash_while_one_parallel_session_is_held_up_loses_nothing() {
+    // The session that a's row 1000 is dealt to waits for a local
+    // transaction; the other one commits later transactions meanwhile,
+    // so its origin is past a transaction not committed. After a crash
+    // b resumes at the lower progress, and skips only what each
+    // transaction's own session committed.
+    let parallel = [("BDR_PARALLEL_APPLY", "on")];
+    let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
+    mesh.applier("b").stop();
+    let mut local = mesh.node("b").connect();
+    local
+        .batch_execute("BEGIN; INSERT INTO t VALUES (1000, 'b', 0)")
+        .expect("a local transaction");
+    for id in 990..=1010 {
+        mesh.node("a")
+            .safe_psql(&format!("INSERT INTO t VALUES ({id}, 'a', 0)"));
+    }
+    mesh.applier("b").restart_with_env(&parallel);
+    mesh.node("b")
+        .poll_query_until("SELECT count(*) > 0 FROM t WHERE id > 1000", "t");
+    mesh.node("b").poll_query_until(
+        "SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'",
+        "t",
+    );
+    mesh.applier("b").kill9();
+    // The waiting session ends with its applier, before the row is free.
+    mesh.node("b")
+        .poll_query_until("SELECT count(*) FROM pg_locks WHERE NOT granted", "0");
+    local.batch_execute("ROLLBACK").expect("rolled back");
+    mesh.applier("b").restart_with_env(&parallel);
+    mesh.wait_for_catchup();
+    assert_eq!(
+        mesh.assert_same("SELECT count(*), count(*) FILTER (WHERE v = 'a') FROM t"),
+        "21|21"
+    );
+}
+
+#[test]
+fn parallel_apply_turned_off_after_a_crash_applies_nothing_twice() {
+    // What the two sessions left is sorted out as they were dealt, then
+    // (after a clean stop) one session applies.
+    let committed = crash_after_three_commits(
+        &[("BDR_PARALLEL_APPLY", "on")],
+        &[("BDR_PARALLEL_APPLY", "off")],
+    );
     assert!((3..=5).contains(&committed), "{committed}");
 }
 
 /// Node a commits five transactions; b's applier (with `env`) aborts
 /// right after its third local commit is confirmed, before it tells a:
-/// b's origin is ahead of a's slot. Restarted, it resumes after what b
-/// committed, not at the slot. Returns how many b had committed.
-fn crash_after_three_commits(env: &[(&str, &str)]) -> u32 {
+/// b's origin is ahead of a's slot. Restarted (with `env`, or
+/// `restart_env` when given), it resumes after what b committed, not at
+/// the slot. Returns how many b had committed.
+fn crash_after_three_commits(env: &[(&str, &str)], restart_env: &[(&str, &str)]) -> u32 {
     let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
     mesh.applier("b").stop();
     for i in 0..5 {
@@ -681,12 +735,43 @@ fn crash_after_three_commits(env: &[(&str, &str)]) -> u32 {
         "SELECT confirmed_flush_lsn < '{origin_progress}' FROM pg_replication_slots"
     ));
     assert_eq!(confirmed, "t", "the peer had not heard of the last commit");
-    mesh.applier("b").restart_with_env(env);
+    // Parallel apply's two origins at different points.
+    let apart = mesh.node("b").safe_psql(
+        "SELECT count(DISTINCT remote_lsn) > 1 FROM pg_replication_origin_status
+          WHERE remote_lsn <> '0/0'",
+    ) == "t";
+    eprintln!("origins apart after the crash: {apart}");
+    mesh.applier("b").restart_with_env(restart_env);
     mesh.wait_for_catchup();
     assert_eq!(
         mesh.assert_same("SELECT count(*), count(DISTINCT v) FROM log"),
         "5|5"
     );
+    if restart_env != env {
+        if apart {
+            let log = mesh.applier("b").log();
+            assert!(log.contains("did not stop cleanly"), "{log}");
+        }
+        // After a clean stop, the restart takes the setting as it is:
+        // one origin in use, and nothing applied twice since.
+        mesh.applier("b").stop();
+        mesh.node("a")
+            .safe_psql("INSERT INTO log VALUES ('a', 'tx 5')");
+        mesh.applier("b").restart_with_env(restart_env);
+        mesh.wait_for_catchup();
+        assert_eq!(
+            mesh.assert_same("SELECT count(*), count(DISTINCT v) FROM log"),
+            "6|6"
+        );
+        let parallel_on = restart_env.contains(&("BDR_PARALLEL_APPLY", "on"));
+        assert_eq!(
+            mesh.node("b").safe_psql(
+                "SELECT count(*) FROM pg_replication_origin_status
+                  WHERE external_id LIKE 'bdr\\_%\\_1' AND remote_lsn <> '0/0'"
+            ),
+            if parallel_on { "1" } else { "0" }
+        );
+    }
     committed
 }
 

@@ -75,27 +75,35 @@
 //!
 //! Parallel apply (`parallel_apply`, off by default): a second batched
 //! session, the lane, with a replication origin of its own
-//! (`bdr_<peer>_1`), takes every other transaction that goes out whole to
-//! `bdr.apply_transactions`; a transaction that touches a key (relation
-//! and replica identity values) of one not known committed goes where
-//! that one went, and the one after a transaction sent as statements
-//! stays on the first session. Both sessions commit in the peer's order:
-//! a transaction whose predecessor went to the other session names it
-//! (that session's origin and the predecessor's end LSN), and the server
-//! applies it, then waits before its commit until that origin is there
-//! (`plugin/src/apply.rs`: a lock the predecessor holds while it
-//! applies, so that a cycle with a row lock is a deadlock PostgreSQL
-//! breaks); a transaction sent as statements waits the same way first
-//! (`bdr.apply_wait`). So every transaction up to the highest progress of
-//! the two origins is committed, which is where a restart resumes and
-//! what the peer hears as flushed, and a confirmed COMMIT on either
-//! session confirms every transaction before it. Rows written through
-//! either origin are the peer's: the server's search and
-//! `bdr.xact_origin` take the lane's (by its name) as the peer's. After a failure on
-//! either session, both are cancelled (a transaction behind the failed
-//! one would wait for it for ever), again every [`CANCEL_AGAIN`] until
-//! their batches are all answered; then everything not committed by the
-//! highest progress is applied again as above.
+//! (`bdr_<peer>_1`), takes about half of the transactions: each is dealt
+//! by its transaction id on the peer ([`lane_of`]), so that the same
+//! transaction goes to the same session however often it is sent. Each
+//! session commits its own transactions in the peer's order, so its
+//! origin's progress says which of them are committed; between the two,
+//! commits are not ordered. A transaction that touches a key (relation
+//! and replica identity values) of a transaction of the other session
+//! not known committed waits, before it applies anything, until that one
+//! has committed (`plugin/src/apply.rs`). Only the first session sends
+//! statements: a transaction sent as statements there first waits for
+//! the lane's last one, and the lane's next transaction waits for it; a
+//! transaction dealt to the lane that needs a statement is handed over
+//! to the applier's other session, bound to the lane's origin, once
+//! both batched sessions have nothing in flight. Every transaction up to
+//! the lower progress of the two origins is committed: the stream
+//! resumes there, and a transaction whose session's origin is past it is
+//! skipped. The peer hears as flushed the last point up to which every
+//! transaction is committed. Rows written through either origin are the
+//! peer's: the server's search and `bdr.xact_origin` take the lane's (by
+//! its name) as the peer's. After a failure on either session, both are
+//! cancelled (a transaction may wait for the failed one for ever), again
+//! every [`CANCEL_AGAIN`] until their batches are all answered; then
+//! every transaction not committed is applied again as above, each
+//! through its own session's origin. At a clean stop, the origin behind
+//! is brought up to the other one once everything before is committed;
+//! after an unclean stop the applier applies on two sessions, whatever
+//! the setting, until the next clean stop. Local readers may see a
+//! transaction of the peer before an earlier one that touches none of
+//! its rows.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -147,6 +155,10 @@ struct Failure {
 #[derive(Debug)]
 struct KeptTxn {
     seq: u64,
+    /// The session it is dealt to (see [`lane_of`]).
+    lane: usize,
+    /// Whether it is known committed (or was before: skipped).
+    committed: bool,
     /// Its end LSN, once its COMMIT is encoded.
     end_lsn: Option<Lsn>,
     messages: Vec<Bytes>,
@@ -174,10 +186,21 @@ pub(super) struct Batch {
     /// Messages of the transactions not confirmed yet, oldest first.
     kept: VecDeque<KeptTxn>,
     next_seq: u64,
-    /// Whether the replication origin is bound to the batched session
-    /// (otherwise to the applier's other one, which applies meanwhile).
+    /// Whether the replication origins are bound to the batched
+    /// sessions (otherwise the one of session [`Batch::other`] is bound
+    /// to the applier's other session, which applies meanwhile).
     on_wire: bool,
+    /// The session whose origin the applier's other session has while
+    /// the batched ones are left.
+    other: usize,
     origin: String,
+    /// The session the open transaction is dealt to.
+    open_lane: usize,
+    /// Each session's origin's progress, as last read: a transaction
+    /// dealt to a session whose origin is past it is not applied again.
+    progress: [Lsn; 2],
+    /// Whether the open transaction is one already committed, skipped.
+    skipping: bool,
     /// Whether row changes go to `bdr.apply_changes` (see [`ServerChanges`]).
     in_server: bool,
     /// The open transaction's changes waiting for that function.
@@ -227,26 +250,74 @@ struct Seat {
 #[derive(Debug)]
 struct Parallel {
     lane: Lane,
+    /// The name of the lane's replication origin.
+    lane_origin: String,
     /// The first batched session's seat (`[0]`) and the lane's (`[1]`).
     seats: [Seat; 2],
-    /// The session the last complete transaction went to and its end LSN;
-    /// `None` when every transaction before is known committed.
-    last: Option<(usize, Lsn)>,
+    /// For each session, the end LSN of the last transaction dealt to
+    /// it, unless every transaction before is known committed.
+    last: [Option<Lsn>; 2],
+    /// A transaction sent as statements on the first session, which the
+    /// next transaction of the lane waits for.
+    fence: Option<Lsn>,
     /// For each key (relation and key values, hashed), the last
-    /// transaction to touch it: its sequence number and session.
-    keys: HashMap<u64, (u64, usize)>,
+    /// transaction to touch it: its sequence number, session and end LSN.
+    keys: HashMap<u64, (u64, usize, Lsn)>,
     /// The keys the open transaction touches.
     open_keys: Vec<u64>,
-    /// The session the next transaction goes to unless it touches a key
-    /// of one not known committed.
-    next: usize,
     /// Whether the sessions were cancelled since the last failure.
     cancelled: bool,
-    /// Whether the last transaction went out as statements.
-    after_statements: bool,
     /// How many keys may be noted before those of committed transactions
     /// are dropped.
     prune_at: usize,
+}
+
+impl Parallel {
+    /// Notes the open transaction's keys as those of transaction `seq`
+    /// (dealt to `lane`, ending at `end_lsn`); `oldest` is the first
+    /// transaction not known committed.
+    fn note(&mut self, seq: u64, lane: usize, end_lsn: Lsn, oldest: u64) {
+        for k in self.open_keys.drain(..) {
+            self.keys.insert(k, (seq, lane, end_lsn));
+        }
+        if self.keys.len() > self.prune_at {
+            self.keys.retain(|_, (s, _, _)| *s >= oldest);
+            // Twice what is left: pruning stays linear in the keys noted.
+            self.prune_at = MAX_KEYS.max(2 * self.keys.len());
+        }
+        self.last[lane] = Some(end_lsn);
+    }
+
+    /// What the open transaction, complete and dealt to `lane`, waits for
+    /// before it applies: the last transaction of the other session not
+    /// known committed that touched one of its keys, or a transaction
+    /// sent as statements before it. Notes its keys.
+    fn depend(&mut self, seq: u64, lane: usize, end_lsn: Lsn, oldest: u64) -> Option<After> {
+        let other = 1 - lane;
+        let mut on = self
+            .open_keys
+            .iter()
+            .filter_map(|k| self.keys.get(k))
+            .filter(|(s, l, _)| *l == other && *s >= oldest)
+            .map(|(_, _, end)| *end)
+            .max();
+        if lane == 1 {
+            on = on.max(self.fence.take());
+        }
+        self.note(seq, lane, end_lsn, oldest);
+        on.map(|end_lsn| After {
+            origin: self.seats[other].roident,
+            end_lsn,
+        })
+    }
+}
+
+/// The session a transaction is dealt to, of two, by its transaction id
+/// on the peer: the same wherever and however often the peer sends it
+/// (whole or streamed), so that after a restart it is known which
+/// session's origin tells whether it is committed.
+fn lane_of(xid: u32) -> usize {
+    (xid.wrapping_mul(0x9E37_79B9) >> 31) as usize
 }
 
 /// One batched session's replies awaited and state (see [`Batch::side`]).
@@ -491,7 +562,11 @@ impl Batch {
             kept: VecDeque::new(),
             next_seq: 0,
             on_wire: false,
+            other: 0,
             origin,
+            open_lane: 0,
+            progress: [0; 2],
+            skipping: false,
             in_server,
             server: ServerChanges::default(),
             calls,
@@ -503,14 +578,16 @@ impl Batch {
 
     /// Opens the lane of parallel apply (see the module documentation):
     /// a second batched session bound to the replication origin `name`
-    /// (created if missing). Without calls of `bdr.apply_transactions`,
-    /// or with a bdr library that cannot make a transaction wait for one
-    /// on another session, nothing opens (with a warning).
+    /// (created if missing, at the first origin's progress). Without
+    /// calls of `bdr.apply_transactions`, or with a bdr library that
+    /// cannot make a transaction wait for one on another session, nothing
+    /// opens (with a warning).
     pub(super) async fn open_lane(
         &mut self,
         config: &tokio_postgres::Config,
         client: &tokio_postgres::Client,
         name: &str,
+        progress: crate::origin::Progress,
     ) -> Result<(), ApplyError> {
         if !self.calls {
             return Ok(());
@@ -534,6 +611,17 @@ impl Batch {
         client
             .execute(crate::origin::CREATE_ORIGIN, &[&name])
             .await?;
+        if progress.lane.is_none() && progress.own != crate::stream::Lsn::INVALID {
+            // Everything up to there is applied: nothing dealt to the
+            // lane before is applied again (an origin never advanced
+            // counts as missing, should this not get through).
+            client
+                .execute(
+                    crate::origin::ADVANCE_ORIGIN,
+                    &[&name, &progress.own.to_string()],
+                )
+                .await?;
+        }
         wire.simple(crate::origin::APPLY_SETTINGS).await?;
         wire.simple("SET client_min_messages = error").await?;
         if let Err(e) = wire.simple("SET log_min_messages = log").await {
@@ -572,16 +660,57 @@ impl Batch {
                 call: PendingCall::default(),
                 status: b'I',
             },
+            lane_origin: name.to_owned(),
             seats,
-            last: None,
+            last: [None; 2],
+            fence: None,
             keys: HashMap::new(),
             open_keys: Vec::new(),
-            next: 0,
             cancelled: false,
-            after_statements: false,
             prune_at: MAX_KEYS,
         });
+        self.set_progress(progress);
         Ok(())
+    }
+
+    /// Whether parallel apply's second session is open.
+    pub(super) fn parallel(&self) -> bool {
+        self.par.is_some()
+    }
+
+    /// Takes in the origins' progress read when the stream starts.
+    pub(super) fn set_progress(&mut self, progress: crate::origin::Progress) {
+        let own = progress.own.0;
+        self.progress = [own, progress.lane.map_or(own, |l| l.0)];
+    }
+
+    /// Marks the transactions of session `lane` up to `seq` committed.
+    fn mark_committed(&mut self, lane: usize, seq: u64) {
+        for t in self.kept.iter_mut() {
+            if t.seq > seq {
+                break;
+            }
+            if t.lane == lane {
+                t.committed = true;
+            }
+        }
+    }
+
+    /// Drops the committed transactions from the front of those kept:
+    /// the end LSN of the last one and how many, if any. Every
+    /// transaction up to there is committed.
+    fn take_committed(&mut self) -> Option<(Lsn, u64)> {
+        let mut last = None;
+        let mut commits = 0;
+        while let Some(t) = self.kept.front() {
+            if !t.committed {
+                break;
+            }
+            last = t.end_lsn.or(last);
+            commits += 1;
+            self.kept.pop_front();
+        }
+        last.map(|lsn| (lsn, commits))
     }
 
     /// Whether replies are awaited or a batch is ready to go, on either
@@ -687,45 +816,6 @@ impl Batch {
         Ok(())
     }
 
-    /// The session the open transaction, complete, goes to: the one of
-    /// the last transaction not known committed that touched one of its
-    /// keys, else every other one in turn. Notes its keys as its own.
-    fn deal(&mut self, seq: u64) -> usize {
-        let oldest = self.kept.front().map_or(u64::MAX, |t| t.seq);
-        let Some(p) = self.par.as_mut() else {
-            return 0;
-        };
-        let depends = p
-            .open_keys
-            .iter()
-            .filter_map(|k| p.keys.get(k))
-            .filter(|(s, _)| *s >= oldest)
-            .max_by_key(|(s, _)| *s)
-            .map(|(_, lane)| *lane);
-        // A transaction applied as statements holds no lock that a
-        // transaction of the lane could wait for: the next one follows it
-        // on the same session.
-        let lane = if p.after_statements {
-            0
-        } else {
-            depends.unwrap_or_else(|| {
-                let l = p.next;
-                p.next ^= 1;
-                l
-            })
-        };
-        p.after_statements = false;
-        for k in p.open_keys.drain(..) {
-            p.keys.insert(k, (seq, lane));
-        }
-        if p.keys.len() > p.prune_at {
-            p.keys.retain(|_, (s, _)| *s >= oldest);
-            // Twice what is left: pruning stays linear in the keys noted.
-            p.prune_at = MAX_KEYS.max(2 * p.keys.len());
-        }
-        lane
-    }
-
     /// Whether complete transactions wait to be written.
     fn ready_to_send(&self) -> bool {
         self.call.last.is_some()
@@ -751,17 +841,12 @@ impl Batch {
         }
         self.server.encode(relations);
         let seq = self.open_seq();
-        let lane = self.deal(seq);
-        // In the peer's order: after the transaction before it, when
-        // that one went to the other session.
-        let after = self.par.as_mut().and_then(|p| {
-            let after = p.last.filter(|(l, _)| *l != lane).map(|(l, lsn)| After {
-                origin: p.seats[l].roident,
-                end_lsn: lsn,
-            });
-            p.last = Some((lane, end_lsn));
-            after
-        });
+        let lane = self.open_lane;
+        let oldest = self.kept.front().map_or(seq, |t| t.seq);
+        let after = self
+            .par
+            .as_mut()
+            .and_then(|p| p.depend(seq, lane, end_lsn, oldest));
         let ordered = self.par.is_some();
         let call = match (lane, self.par.as_mut()) {
             (1, Some(p)) => &mut p.lane.call,
@@ -789,21 +874,21 @@ impl Batch {
         Ok(true)
     }
 
-    /// Before the first statement of a transaction sent as statements:
-    /// when the transaction before it went to the lane, a wait for that
-    /// one to commit.
+    /// Before the first statement of a transaction sent as statements
+    /// (on the first session): a wait for the last transaction dealt to
+    /// the lane to commit, so that it follows every transaction before it.
     fn wait_first(&mut self) -> Result<(), ApplyError> {
         let Some(p) = self.par.as_mut() else {
             return Ok(());
         };
-        let Some((1, lsn)) = p.last else {
+        let Some(lsn) = p.last[1] else {
             return Ok(());
         };
         if self.open_at.is_none() {
             return Ok(());
         }
         let seat = p.seats[1];
-        p.last = None;
+        p.last[1] = None;
         self.wire.execute(
             APPLY_WAIT,
             &[Param::four_bytes(seat.roident), Param::eight_bytes(lsn)],
@@ -945,7 +1030,8 @@ impl Batch {
         if let Some(p) = self.par.as_mut() {
             p.lane.call.buf.clear();
             p.lane.call.last = None;
-            p.last = None;
+            p.last = [None; 2];
+            p.fence = None;
             p.open_keys.clear();
             p.keys.clear();
         }
@@ -1011,6 +1097,9 @@ impl Applier {
         msg: &Message<'_>,
     ) -> Result<(), ApplyError> {
         let b = self.batch.as_mut().expect("batched");
+        if b.skipping {
+            return self.skip(msg).await;
+        }
         if !b.on_wire {
             if !(matches!(msg, Message::Begin(_)) && self.txn.is_none()) {
                 return self.dispatch_other(frame, raw, msg).await;
@@ -1023,6 +1112,7 @@ impl Applier {
             // The session broke, or outside a transaction there is
             // nothing to hand over.
             Err(e) if matches!(e, ApplyError::Wire(_)) || b.open_at.is_none() => return Err(e),
+            Err(ApplyError::NeedsStatements) => return self.hand_over(false).await,
             // Applied again one statement at a time, where the error comes
             // back with its context (or turns out to be a conflict).
             Err(e) => {
@@ -1058,15 +1148,36 @@ impl Applier {
         msg: &Message<'_>,
     ) -> Result<(), ApplyError> {
         if let Message::Begin(m) = msg {
+            let b = self.batch.as_mut().expect("batched");
+            let lane = if b.par.is_some() { lane_of(m.xid) } else { 0 };
+            if m.final_lsn < b.progress[lane] {
+                // Committed before the stream started (or the failure):
+                // its session's origin is past it.
+                debug!(xid = m.xid, lane, "skipping a transaction committed before");
+                b.kept.push_back(KeptTxn {
+                    seq: b.next_seq,
+                    lane,
+                    committed: false,
+                    end_lsn: None,
+                    bytes: 0,
+                    messages: Vec::new(),
+                });
+                b.next_seq += 1;
+                b.skipping = true;
+                return Ok(());
+            }
             self.open_txn(m).await?;
             let b = self.batch.as_mut().expect("batched");
             b.kept.push_back(KeptTxn {
                 seq: b.next_seq,
+                lane,
+                committed: false,
                 end_lsn: None,
                 bytes: raw.len(),
                 messages: vec![raw],
             });
             b.next_seq += 1;
+            b.open_lane = lane;
             b.open_at = Some((b.wire.unsent(), b.unsent.len()));
             if let Some(p) = b.par.as_mut() {
                 p.open_keys.clear();
@@ -1081,6 +1192,17 @@ impl Applier {
             && self.keep_for_server(what, rel_id, &raw)?
         {
             return Ok(());
+        }
+        let b = self.batch.as_mut().expect("batched");
+        if b.open_lane != 0
+            && matches!(
+                msg,
+                Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_)
+            )
+        {
+            // Statements go out on the first session, which commits with
+            // the other origin.
+            return Err(ApplyError::NeedsStatements);
         }
         // Whatever goes out as a statement goes after the changes before it.
         if !matches!(msg, Message::Commit(_)) {
@@ -1113,14 +1235,14 @@ impl Applier {
                 let b = self.batch.as_mut().expect("batched");
                 b.stmt("COMMIT", &[], Kind::Commit(m.end_lsn))?;
                 b.open_at = None;
-                // Applied as statements on the first batched session.
+                // Applied as statements on the first batched session: the
+                // lane's next transaction waits for it (its changes are
+                // not all known by key).
                 let seq = b.open_seq();
+                let oldest = b.kept.front().map_or(seq, |t| t.seq);
                 if let Some(p) = b.par.as_mut() {
-                    for k in p.open_keys.drain(..) {
-                        p.keys.insert(k, (seq, 0));
-                    }
-                    p.last = Some((0, m.end_lsn));
-                    p.after_statements = true;
+                    p.note(seq, 0, m.end_lsn, oldest);
+                    p.fence = Some(m.end_lsn);
                 }
                 Ok(())
             }
@@ -1185,6 +1307,32 @@ impl Applier {
             | Message::StreamCommit(_)
             | Message::StreamAbort(_) => Err(ApplyError::UnexpectedStreamed(msg.tag())),
         }
+    }
+
+    /// A message of a transaction skipped (committed before): only
+    /// descriptions of relations are taken in, and its COMMIT counts it
+    /// as applied.
+    async fn skip(&mut self, msg: &Message<'_>) -> Result<(), ApplyError> {
+        match msg {
+            Message::Relation(m) => {
+                let mapped = super::relation::MappedRelation::map(&self.client, m).await?;
+                self.relations.define(m.rel_id, mapped);
+            }
+            Message::Commit(m) => {
+                let b = self.batch.as_mut().expect("batched");
+                b.skipping = false;
+                if let Some(t) = b.kept.back_mut() {
+                    t.end_lsn = Some(m.end_lsn);
+                    t.committed = true;
+                }
+                if let Some((lsn, commits)) = b.take_committed() {
+                    self.pipe.confirm_many(lsn, commits);
+                }
+            }
+            Message::Begin(m) => return Err(ApplyError::NestedBegin(m.xid)),
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Keeps a row change for `bdr.apply_changes` when its relation
@@ -1345,15 +1493,13 @@ impl Applier {
                     seq,
                     kind: Kind::Commit(lsn),
                 }) => {
-                    // Commits are in the peer's order: every transaction
-                    // before this one committed too, on either session.
-                    let mut commits = 0;
-                    while b.kept.front().is_some_and(|t| t.seq <= seq) {
-                        b.kept.pop_front();
-                        commits += 1;
-                    }
-                    if commits > 0 || !parallel {
-                        self.pipe.confirm_many(lsn, commits.max(1));
+                    // Each session commits in the peer's order: every
+                    // transaction of this session before it committed too.
+                    b.mark_committed(lane, seq);
+                    match b.take_committed() {
+                        Some((lsn, commits)) => self.pipe.confirm_many(lsn, commits),
+                        None if !parallel => self.pipe.confirm(lsn),
+                        None => {}
                     }
                     Ok(())
                 }
@@ -1463,26 +1609,30 @@ impl Applier {
             self.remap_relations(&why).await?;
         }
         // A failed call of bdr.apply_transactions committed the
-        // transactions before the one that failed: the origin's progress
-        // tells which.
-        let progress = self.durable_progress().await?;
+        // transactions before the one that failed: each session's origin
+        // tells how far that is, for the transactions dealt to it.
+        let progress = crate::origin::read_progress(&self.client, self.ends.peer).await?;
         let b = self.batch.as_mut().expect("batched");
-        let (mut committed, mut commits) = (None, 0);
-        while let Some(t) = b.kept.front() {
-            match t.end_lsn {
-                Some(lsn) if lsn <= progress => {
-                    committed = Some(lsn);
-                    commits += 1;
-                    b.kept.pop_front();
-                }
-                _ => break,
+        b.set_progress(progress);
+        // A transaction being skipped stays so, after those applied again.
+        let skipped = if std::mem::take(&mut b.skipping) {
+            b.kept.pop_back()
+        } else {
+            None
+        };
+        let at = b.progress;
+        for t in b.kept.iter_mut() {
+            if t.end_lsn.is_some_and(|lsn| lsn <= at[t.lane]) {
+                t.committed = true;
             }
         }
-        if let Some(lsn) = committed {
+        if let Some((lsn, commits)) = b.take_committed() {
             self.pipe.confirm_many(lsn, commits);
         }
         let b = self.batch.as_mut().expect("batched");
-        let seq = b.kept.front().map_or(seq, |t| t.seq);
+        let (seq, lane) = b.kept.front().map_or((seq, 0), |t| (t.seq, t.lane));
+        // The later ones go into batches again, where those committed
+        // are skipped.
         let mut later: Vec<Bytes> = Vec::new();
         let mut failed: Vec<Bytes> = Vec::new();
         for t in b.kept.drain(..) {
@@ -1500,7 +1650,7 @@ impl Applier {
         );
         self.forget_held();
         self.txn = None;
-        self.origin_to_other().await?;
+        self.origin_to_other(lane).await?;
         self.replay_messages(&failed, true).await?;
         // The transactions after it go into batches again.
         for raw in later {
@@ -1509,6 +1659,13 @@ impl Applier {
             };
             let msg = msg?;
             Box::pin(self.dispatch_batched(&raw, raw.clone(), &msg)).await?;
+        }
+        if let Some(mut t) = skipped {
+            let b = self.batch.as_mut().expect("batched");
+            t.seq = b.next_seq;
+            b.next_seq += 1;
+            b.kept.push_back(t);
+            b.skipping = true;
         }
         Ok(())
     }
@@ -1535,7 +1692,7 @@ impl Applier {
         b.drop_unsent();
         self.forget_held();
         self.txn = None;
-        self.origin_to_other().await?;
+        self.origin_to_other(open.lane).await?;
         self.replay_messages(&open.messages, serial).await
     }
 
@@ -1559,7 +1716,8 @@ impl Applier {
             } else {
                 // Everything is committed.
                 if let Some(p) = b.par.as_mut() {
-                    p.last = None;
+                    p.last = [None; 2];
+                    p.fence = None;
                 }
                 return Ok(true);
             }
@@ -1570,7 +1728,7 @@ impl Applier {
     /// in flight on the batched one (the other session applies next).
     pub(super) async fn leave_wire(&mut self) -> Result<(), ApplyError> {
         if self.settle_batches().await? {
-            self.origin_to_other().await?;
+            self.origin_to_other(0).await?;
         }
         Ok(())
     }
@@ -1600,25 +1758,29 @@ impl Applier {
         Ok(())
     }
 
-    /// Moves the replication origin from the batched session to the other
-    /// one.
-    async fn origin_to_other(&mut self) -> Result<(), ApplyError> {
+    /// Moves the replication origin of batched session `lane` from it to
+    /// the other session (nothing is in flight on either batched one).
+    async fn origin_to_other(&mut self, lane: usize) -> Result<(), ApplyError> {
         let b = self.batch.as_mut().expect("batched");
-        b.wire
-            .simple("SELECT pg_catalog.pg_replication_origin_session_reset()")
+        let (wire, name) = match (lane, b.par.as_mut()) {
+            (1, Some(p)) => (&mut p.lane.wire, p.lane_origin.clone()),
+            _ => (&mut b.wire, b.origin.clone()),
+        };
+        wire.simple("SELECT pg_catalog.pg_replication_origin_session_reset()")
             .await?;
         b.on_wire = false;
+        b.other = if b.par.is_some() { lane } else { 0 };
         self.client
             .execute(
                 "SELECT pg_catalog.pg_replication_origin_session_setup($1)",
-                &[&b.origin],
+                &[&name],
             )
             .await?;
         Ok(())
     }
 
-    /// Moves the replication origin to the batched session, once the other
-    /// one has nothing in flight.
+    /// Moves the replication origin the other session has back to its
+    /// batched session, once the other one has nothing in flight.
     pub(super) async fn origin_to_wire(&mut self) -> Result<(), ApplyError> {
         self.pipe.drain().await?;
         self.pipe.clear();
@@ -1626,12 +1788,17 @@ impl Applier {
             .batch_execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
             .await?;
         let b = self.batch.as_mut().expect("batched");
+        let (wire, name) = match (b.other, b.par.as_mut()) {
+            (1, Some(p)) => (&mut p.lane.wire, p.lane_origin.as_str()),
+            _ => (&mut b.wire, b.origin.as_str()),
+        };
         let setup = format!(
             "SELECT pg_catalog.pg_replication_origin_session_setup({})",
-            crate::stream::quote_literal(&b.origin)?
+            crate::stream::quote_literal(name)?
         );
-        b.wire.simple(&setup).await?;
+        wire.simple(&setup).await?;
         b.on_wire = true;
+        b.other = 0;
         Ok(())
     }
 
@@ -1677,11 +1844,16 @@ impl Applier {
                         }
                         Event::Complete(_) => {
                             if let Some(Tag::Stmt {
+                                seq,
                                 kind: Kind::Commit(lsn),
-                                ..
                             }) = side.sent.pop_front()
                             {
-                                self.pipe.confirm(lsn);
+                                b.mark_committed(lane, seq);
+                                match b.take_committed() {
+                                    Some((lsn, commits)) => self.pipe.confirm_many(lsn, commits),
+                                    None if b.par.is_none() => self.pipe.confirm(lsn),
+                                    None => {}
+                                }
                             }
                         }
                         Event::Error(_) => {
@@ -1697,5 +1869,69 @@ impl Applier {
                 }
             }
         }
+    }
+
+    /// At a clean stop of parallel apply, once every transaction up to
+    /// `applied` is committed: when neither origin is past it, the one
+    /// behind is set to where the other is, so that the next start, with
+    /// parallel apply on or off, resumes there with nothing to sort out.
+    pub(crate) async fn even_out(&mut self, applied: Lsn) -> Result<(), ApplyError> {
+        if self.batch.as_ref().is_none_or(|b| b.par.is_none()) {
+            return Ok(());
+        }
+        let progress = crate::origin::read_progress(&self.client, self.ends.peer).await?;
+        let Some(lane_at) = progress.lane else {
+            return Ok(());
+        };
+        let high = lane_at.max(progress.own);
+        if lane_at == progress.own || applied < high.0 {
+            debug!(%lane_at, own = %progress.own, applied, "the origins stay apart");
+            return Ok(());
+        }
+        let low = usize::from(lane_at < progress.own);
+        let b = self.batch.as_mut().expect("batched");
+        let Some(p) = b.par.as_mut() else {
+            return Ok(());
+        };
+        let name = if low == 1 {
+            p.lane_origin.clone()
+        } else {
+            b.origin.clone()
+        };
+        const RESET: &str = "SELECT pg_catalog.pg_replication_origin_session_reset()";
+        if !b.on_wire && b.other == low {
+            self.client.batch_execute(RESET).await?;
+        } else if low == 1 {
+            p.lane.wire.simple(RESET).await?;
+        } else {
+            b.wire.simple(RESET).await?;
+        }
+        self.client
+            .execute(crate::origin::ADVANCE_ORIGIN, &[&name, &high.to_string()])
+            .await?;
+        debug!(origin = name, lsn = %high, "origin brought up to the other one");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lane_of;
+
+    #[test]
+    fn transactions_are_dealt_by_their_id_about_evenly() {
+        // The same transaction always goes to the same session.
+        assert_eq!(lane_of(7_654_321), lane_of(7_654_321));
+        // Consecutive ids, as a busy peer gives out: both sessions get
+        // about half, and neither long runs.
+        let lanes: Vec<usize> = (1_000_000..1_010_000).map(lane_of).collect();
+        let ones = lanes.iter().filter(|l| **l == 1).count();
+        assert!((4_500..=5_500).contains(&ones), "{ones}");
+        let longest = lanes
+            .chunk_by(|a, b| a == b)
+            .map(<[usize]>::len)
+            .max()
+            .unwrap_or(0);
+        assert!(longest <= 8, "{longest}");
     }
 }

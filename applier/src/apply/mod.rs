@@ -80,7 +80,7 @@ use bdr_protocol::{
 };
 use bytes::Bytes;
 use tokio_postgres::{Client, Statement};
-use tracing::debug;
+use tracing::{debug, info};
 
 use conflict::Version;
 use param::{Param, ParamError};
@@ -151,6 +151,11 @@ pub(crate) enum ApplyError {
     Wire(#[from] crate::stream::StreamError),
     #[error("batched apply went wrong: {0}")]
     Batch(String),
+    /// Not a failure: a transaction dealt to parallel apply's second
+    /// session has a change that goes out as a statement, so it is handed
+    /// over to the first session (see `batch`).
+    #[error("a transaction of parallel apply's second session has a change sent as a statement")]
+    NeedsStatements,
     #[error("a kept message no longer decodes: {0}")]
     Replay(#[from] DecodeError),
     #[error("{}", crate::describe_db_error(.0))]
@@ -315,6 +320,7 @@ impl Applier {
         pipelined: bool,
         batched: Option<&tokio_postgres::Config>,
         parallel: bool,
+        at: crate::origin::Progress,
     ) -> Result<Self, ApplyError> {
         let xact_setup = client.prepare(XACT_SETUP).await?;
         let progress = client.prepare(DURABLE_PROGRESS).await?;
@@ -345,9 +351,44 @@ impl Applier {
         if applier.batch.is_some() {
             applier.origin_to_wire().await?;
         }
-        if let (Some(b), Some(config), true) = (applier.batch.as_mut(), batched, parallel) {
-            let lane = crate::origin::lane_name_for(applier.ends.peer);
-            b.open_lane(config, &applier.client, &lane).await?;
+        let lane = crate::origin::lane_name_for(applier.ends.peer);
+        // Transactions between the two origins' progress were dealt to the
+        // two sessions: they are applied (or not) as they were dealt.
+        let uneven = at.uneven();
+        if uneven && !parallel {
+            info!(
+                peer = %applier.ends.peer_name,
+                "parallel apply did not stop cleanly: applying on two sessions until the next clean stop"
+            );
+        }
+        if let (Some(b), Some(config), true) = (applier.batch.as_mut(), batched, parallel || uneven)
+        {
+            b.open_lane(config, &applier.client, &lane, at).await?;
+        }
+        match applier.batch.as_mut() {
+            Some(b) if b.parallel() => {}
+            _ if uneven => {
+                return Err(ApplyError::Batch(format!(
+                    "the origins {} and {lane} are at {} and {}: a second batched session is needed to apply what follows, and it cannot open (see the warnings above)",
+                    crate::origin::name_for(applier.ends.peer),
+                    at.own,
+                    at.lane.unwrap_or(at.own)
+                )));
+            }
+            Some(b) => {
+                b.set_progress(at);
+                // Not in use: its at would be stale next time.
+                applier
+                    .client
+                    .execute(crate::origin::FORGET_PROGRESS, &[&lane])
+                    .await?;
+            }
+            None => {
+                applier
+                    .client
+                    .execute(crate::origin::FORGET_PROGRESS, &[&lane])
+                    .await?;
+            }
         }
         Ok(applier)
     }

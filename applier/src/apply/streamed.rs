@@ -17,8 +17,8 @@
 //! Every block is appended to a spool file of its transaction (an
 //! anonymous temporary file, gone with the process), so memory does not
 //! grow with the transaction. When a streamed transaction starts while no
-//! other one is open and apply is pipelined, it is also applied as it
-//! arrives ("direct"): a local transaction on the first session (the
+//! other one is open and apply is pipelined (and not parallel), it is
+//! also applied as it arrives ("direct"): a local transaction on the first session (the
 //! replication origin moves there, as for any large transaction), with the
 //! changes pipelined as in a large transaction. Its COMMIT records the
 //! commit LSN and time that STREAM COMMIT brings, so the origin's progress
@@ -257,7 +257,13 @@ impl Applier {
             // Blocks of two transactions alternate: neither is applied as
             // it arrives.
             Some(_) => self.abandon_direct().await?,
-            None if m.first && self.streams.open.len() == 1 && self.pipelined => {
+            // With parallel apply, a transaction commits through the
+            // origin of the session it is dealt to: from its spool.
+            None if m.first
+                && self.streams.open.len() == 1
+                && self.pipelined
+                && !self.batch.as_ref().is_some_and(|b| b.parallel()) =>
+            {
                 self.go_direct(m.xid).await?;
             }
             None => {}
