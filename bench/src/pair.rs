@@ -88,6 +88,10 @@ pub struct Pair {
     paused: bool,
     /// bdr only: the applier's environment (see `pause_as`).
     applier_env: &'static [(&'static str, &'static str)],
+    /// Whether the receiver commits in the origin's order, so that a
+    /// marker applied means everything before it is (not with bdr's
+    /// parallel apply: see [`Pair::wait_for_all_before`]).
+    in_order: bool,
     pub origin: Node,
     pub receiver: Node,
 }
@@ -177,6 +181,7 @@ impl Pair {
             applier: None,
             poll,
             next_marker: 1,
+            in_order: true,
             paused: false,
             applier_env: &[],
             origin,
@@ -325,6 +330,7 @@ impl Pair {
                 ));
             }
             Kind::Bdr => {
+                self.in_order = system != System::BdrParallel;
                 self.applier_env = match system {
                     System::BdrSerial => &[("BDR_APPLY_PIPELINE", "off")],
                     System::BdrPipelined => &[("BDR_APPLY_BATCH", "off")],
@@ -392,6 +398,38 @@ impl Pair {
         }
     }
 
+    /// After the last marker is on the receiver (at `seen`): when the
+    /// receiver does not commit in the origin's order, waits until it
+    /// holds as many rows of the tables the workloads write as the origin
+    /// (polled as often as the query allows) and returns when it did.
+    pub fn wait_for_all_before(
+        &mut self,
+        seen: Instant,
+        limit: Duration,
+    ) -> anyhow::Result<Instant> {
+        if self.in_order {
+            return Ok(seen);
+        }
+        let sql = "SELECT (SELECT count(*) FROM pgbench_history)
+                        + (SELECT count(*) FROM bench_bulk)";
+        let want: i64 = self.origin.connect().query_one(sql, &[])?.get(0);
+        let deadline = Instant::now() + limit;
+        loop {
+            let have: i64 = self.poll.query_one(sql, &[])?.get(0);
+            let now = Instant::now();
+            if have == want {
+                return Ok(now);
+            }
+            if now > deadline {
+                bail!(
+                    "{:?}: the receiver has {have} rows of {want} within {limit:?}",
+                    self.kind
+                );
+            }
+            sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The receiver's processes that apply the stream.
     pub fn receiver_pids(&mut self) -> anyhow::Result<Vec<i32>> {
         let sql = match self.kind {
@@ -448,6 +486,7 @@ impl Pair {
             bdr_tests::cpu_of(&walsenders),
         );
         let t1 = self.wait_for_marker(last, crate::wait_limit())?;
+        let t1 = self.wait_for_all_before(t1, crate::wait_limit())?;
         let (r1, w1) = (
             bdr_tests::cpu_of(&receivers),
             bdr_tests::cpu_of(&walsenders),
@@ -481,7 +520,8 @@ impl Pair {
     pub fn verify(&mut self) -> anyhow::Result<bool> {
         self.resume_if_paused()?;
         let m = self.write_marker();
-        self.wait_for_marker(m, crate::wait_limit())?;
+        let seen = self.wait_for_marker(m, crate::wait_limit())?;
+        self.wait_for_all_before(seen, crate::wait_limit())?;
         let sql = "SELECT (SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts)
                 || ' ' || (SELECT count(*) || '/' || coalesce(sum(delta), 0) FROM pgbench_history)
                 || ' ' || (SELECT count(*) || '/' || coalesce(sum(a), 0) FROM bench_bulk)
