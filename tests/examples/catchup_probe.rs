@@ -8,6 +8,10 @@
 //! figures of its walsender and apply worker; `RUNS` rounds (default 3).
 //! `PERF=file` records the whole machine during each catch-up with
 //! `perf record -a --call-graph dwarf` (file, file.1, ...).
+//! `LANE_ROWS=1` has every row of `acc` on b last written through the
+//! origin of a parallel apply session for a (`bdr_<a>_1`) before each
+//! round, as after a round with parallel apply (those rows are a's too);
+//! `LANE_ROWS=own` through a's own origin (what the rewrite costs alone).
 //! `CONFLICTS=1` makes every UPDATE a conflict: before each round b
 //! rewrites all rows through a replication origin of its own (not sent to
 //! a), so each row a updates was last written on b by another origin.
@@ -34,6 +38,8 @@ fn main() {
     let runs = env_u64("RUNS", 3);
     let builtin = std::env::var("SYSTEM").as_deref() == Ok("builtin");
     let conflicts = std::env::var("CONFLICTS").as_deref() == Ok("1");
+    let lane_rows = std::env::var("LANE_ROWS").as_deref() == Ok("1");
+    let own_rows = std::env::var("LANE_ROWS").as_deref() == Ok("own");
     let mut mesh = Mesh::new(
         &["a", "b"],
         "CREATE TABLE acc (aid int PRIMARY KEY, abalance int, filler char(84));
@@ -79,6 +85,27 @@ fn main() {
             mesh.node("a").safe_psql("CHECKPOINT");
             mesh.wait_for_catchup();
             mesh.applier("b").stop();
+        }
+        if lane_rows {
+            // As a parallel apply session would have left them.
+            mesh.node("b").safe_psql(
+                "SELECT pg_replication_origin_create(roname || '_1') \
+                   FROM pg_replication_origin \
+                  WHERE roname ~ '^bdr_[0-9a-f]{16}$' \
+                    AND NOT EXISTS (SELECT FROM pg_replication_origin o \
+                                     WHERE o.roname = pg_replication_origin.roname || '_1'); \
+                 SELECT pg_replication_origin_session_setup(roname) \
+                   FROM pg_replication_origin WHERE roname ~ '^bdr_[0-9a-f]{16}_1$'; \
+                 UPDATE acc SET filler = 'b'",
+            );
+        }
+        if own_rows {
+            // The same rewrite through a's own origin: what it costs alone.
+            mesh.node("b").safe_psql(
+                "SELECT pg_replication_origin_session_setup(roname) \
+                   FROM pg_replication_origin WHERE roname ~ '^bdr_[0-9a-f]{16}$'; \
+                 UPDATE acc SET filler = 'b'",
+            );
         }
         if conflicts {
             mesh.node("b").safe_psql(

@@ -775,6 +775,78 @@ fn crash_after_three_commits(env: &[(&str, &str)], restart_env: &[(&str, &str)])
     committed
 }
 
+/// The session parallel apply deals a transaction with id `xid` on the
+/// peer to (the applier's `lane_of`).
+fn lane_of(xid: u32) -> u32 {
+    xid.wrapping_mul(0x9E37_79B9) >> 31
+}
+
+#[test]
+fn parallel_apply_keeps_statements_in_order_with_everything_around_them() {
+    // TRUNCATE goes out as a statement on the first session (or, dealt
+    // to the second, is handed over with that session's origin): rows
+    // inserted before it must be gone and rows inserted after it must
+    // stay, whichever session each transaction is dealt to. A local lock
+    // holds the first TRUNCATE, dealt to the first session, up for a
+    // while: the second session must not commit what comes after it.
+    let mut mesh = Mesh::new(&["a", "b"], SCHEMA);
+    mesh.applier("b").stop();
+    let write = |sql: &str| -> u32 {
+        let out = mesh.node("a").safe_psql(&format!(
+            "BEGIN; {sql}; SELECT pg_catalog.txid_current() % 4294967296; COMMIT"
+        ));
+        out.lines()
+            .last()
+            .and_then(|l| l.parse().ok())
+            .expect("an xid")
+    };
+    for i in 0..10 {
+        write(&format!("INSERT INTO log VALUES ('a', '{i}')"));
+    }
+    // The next transaction id is one more than the last one given out.
+    let mut truncated = 0;
+    for i in 10..40 {
+        let next: u32 = mesh
+            .node("a")
+            .safe_psql("SELECT pg_catalog.txid_current() % 4294967296")
+            .parse()
+            .expect("an xid");
+        if truncated == 0 && lane_of(next + 1) == 0 {
+            let xid = write(&format!(
+                "TRUNCATE log; INSERT INTO log VALUES ('a', 'after {i}')"
+            ));
+            if lane_of(xid) == 0 {
+                truncated = i;
+            }
+        } else {
+            write(&format!("INSERT INTO log VALUES ('a', '{i}')"));
+        }
+    }
+    assert!(truncated > 0, "no TRUNCATE was dealt to the first session");
+    let mut local = mesh.node("b").connect();
+    local
+        .batch_execute("BEGIN; LOCK TABLE log IN SHARE UPDATE EXCLUSIVE MODE")
+        .expect("a local lock");
+    mesh.applier("b")
+        .restart_with_env(&[("BDR_PARALLEL_APPLY", "on")]);
+    mesh.node("b").poll_query_until(
+        "SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock'",
+        "t",
+    );
+    // The second session's transactions after the TRUNCATE wait for it.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    local.batch_execute("COMMIT").expect("released");
+    mesh.wait_for_catchup();
+    let expected: Vec<String> = (truncated + 1..40)
+        .map(|i| i.to_string())
+        .chain([format!("after {truncated}")])
+        .collect();
+    assert_eq!(
+        mesh.assert_same("SELECT string_agg(v, ',' ORDER BY v) FROM log"),
+        expected.join(",")
+    );
+}
+
 #[test]
 fn parallel_apply_can_be_turned_off_and_on_again() {
     let mut mesh = Mesh::new(&["a", "b"], SCHEMA);

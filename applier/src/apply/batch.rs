@@ -312,6 +312,36 @@ impl Parallel {
     }
 }
 
+/// Marks the transactions of session `lane` up to `seq` committed: the
+/// session commits its own in order.
+fn mark_committed(kept: &mut VecDeque<KeptTxn>, lane: usize, seq: u64) {
+    for t in kept.iter_mut() {
+        if t.seq > seq {
+            break;
+        }
+        if t.lane == lane {
+            t.committed = true;
+        }
+    }
+}
+
+/// Drops the committed transactions from the front of `kept`: the end
+/// LSN of the last one and how many, if any. Every transaction up to
+/// there is committed, on either session.
+fn take_committed(kept: &mut VecDeque<KeptTxn>) -> Option<(Lsn, u64)> {
+    let mut last = None;
+    let mut commits = 0;
+    while let Some(t) = kept.front() {
+        if !t.committed {
+            break;
+        }
+        last = t.end_lsn.or(last);
+        commits += 1;
+        kept.pop_front();
+    }
+    last.map(|lsn| (lsn, commits))
+}
+
 /// The session a transaction is dealt to, of two, by its transaction id
 /// on the peer: the same wherever and however often the peer sends it
 /// (whole or streamed), so that after a restart it is known which
@@ -686,31 +716,13 @@ impl Batch {
 
     /// Marks the transactions of session `lane` up to `seq` committed.
     fn mark_committed(&mut self, lane: usize, seq: u64) {
-        for t in self.kept.iter_mut() {
-            if t.seq > seq {
-                break;
-            }
-            if t.lane == lane {
-                t.committed = true;
-            }
-        }
+        mark_committed(&mut self.kept, lane, seq);
     }
 
-    /// Drops the committed transactions from the front of those kept:
-    /// the end LSN of the last one and how many, if any. Every
-    /// transaction up to there is committed.
+    /// Drops the committed transactions from the front of those kept
+    /// (see [`take_committed`]).
     fn take_committed(&mut self) -> Option<(Lsn, u64)> {
-        let mut last = None;
-        let mut commits = 0;
-        while let Some(t) = self.kept.front() {
-            if !t.committed {
-                break;
-            }
-            last = t.end_lsn.or(last);
-            commits += 1;
-            self.kept.pop_front();
-        }
-        last.map(|lsn| (lsn, commits))
+        take_committed(&mut self.kept)
     }
 
     /// Whether replies are awaited or a batch is ready to go, on either
@@ -1916,7 +1928,43 @@ impl Applier {
 
 #[cfg(test)]
 mod tests {
-    use super::lane_of;
+    use std::collections::VecDeque;
+
+    use super::{KeptTxn, lane_of, mark_committed, take_committed};
+
+    /// Transactions 0.. dealt to `lanes`, ending at 100, 200, ...
+    fn kept(lanes: &[usize]) -> VecDeque<KeptTxn> {
+        lanes
+            .iter()
+            .enumerate()
+            .map(|(i, &lane)| KeptTxn {
+                seq: i as u64,
+                lane,
+                committed: false,
+                end_lsn: Some(100 * (i as u64 + 1)),
+                messages: Vec::new(),
+                bytes: 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_stream_is_applied_up_to_the_first_transaction_not_committed() {
+        let mut k = kept(&[0, 1, 0, 1, 1, 0]);
+        // The lane commits through transaction 3: 0 is not committed.
+        mark_committed(&mut k, 1, 3);
+        assert_eq!(take_committed(&mut k), None);
+        // The first session through 2: 0 to 3 are, 4 (the lane's) not.
+        mark_committed(&mut k, 0, 2);
+        assert_eq!(take_committed(&mut k), Some((400, 4)));
+        assert_eq!(k.front().map(|t| t.seq), Some(4));
+        // The first session's 5 does not carry the lane's 4 with it.
+        mark_committed(&mut k, 0, 5);
+        assert_eq!(take_committed(&mut k), None);
+        mark_committed(&mut k, 1, 4);
+        assert_eq!(take_committed(&mut k), Some((600, 2)));
+        assert!(k.is_empty());
+    }
 
     #[test]
     fn transactions_are_dealt_by_their_id_about_evenly() {
