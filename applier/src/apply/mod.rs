@@ -377,7 +377,7 @@ impl Applier {
             }
             Some(b) => {
                 b.set_progress(at);
-                // Not in use: its at would be stale next time.
+                // Not in use: its progress would be stale next time.
                 applier
                     .client
                     .execute(crate::origin::FORGET_PROGRESS, &[&lane])

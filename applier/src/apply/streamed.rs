@@ -18,9 +18,9 @@
 //! anonymous temporary file, gone with the process), so memory does not
 //! grow with the transaction. When a streamed transaction starts while no
 //! other one is open and apply is pipelined (and not parallel), it is
-//! also applied as it arrives ("direct"): a local transaction on the first session (the
-//! replication origin moves there, as for any large transaction), with the
-//! changes pipelined as in a large transaction. Its COMMIT records the
+//! also applied as it arrives ("direct"): a local transaction on the
+//! first session (the replication origin moves there, as for any large
+//! transaction), with the changes pipelined as in a large transaction. Its COMMIT records the
 //! commit LSN and time that STREAM COMMIT brings, so the origin's progress
 //! still commits atomically with the rows.
 //!
