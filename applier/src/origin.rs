@@ -97,6 +97,15 @@ impl Progress {
     }
 }
 
+/// The session of parallel apply a transaction is dealt to, of two (0:
+/// the one with the peer's origin, 1: [`lane_name_for`]'s), by its
+/// transaction id on the peer: the same wherever and however often the
+/// peer sends it (whole or streamed), so that after a restart it is known
+/// which origin's progress tells whether it is committed.
+pub fn lane_of(xid: u32) -> usize {
+    (xid.wrapping_mul(0x9E37_79B9) >> 31) as usize
+}
+
 /// Reads the durable progress of `peer`'s origin and of its parallel
 /// apply origin (see [`BOTH_PROGRESS`]).
 pub(crate) async fn read_progress(
@@ -144,5 +153,22 @@ mod tests {
         assert_eq!(name_for(0xaa), "bdr_00000000000000aa");
         assert_eq!(name_for(u64::MAX), "bdr_ffffffffffffffff");
         assert_eq!(lane_name_for(0xaa), "bdr_00000000000000aa_1");
+    }
+
+    #[test]
+    fn transactions_are_dealt_by_their_id_about_evenly() {
+        // The same transaction always goes to the same session.
+        assert_eq!(lane_of(7_654_321), lane_of(7_654_321));
+        // Consecutive ids, as a busy peer gives out: both sessions get
+        // about half, and neither long runs.
+        let lanes: Vec<usize> = (1_000_000..1_010_000).map(lane_of).collect();
+        let ones = lanes.iter().filter(|l| **l == 1).count();
+        assert!((4_500..=5_500).contains(&ones), "{ones}");
+        let longest = lanes
+            .chunk_by(|a, b| a == b)
+            .map(<[usize]>::len)
+            .max()
+            .unwrap_or(0);
+        assert!(longest <= 8, "{longest}");
     }
 }

@@ -4,6 +4,7 @@
 use std::thread;
 use std::time::Duration;
 
+use bdr_applier::origin::lane_of;
 use bdr_tests::{Mesh, applier_command};
 
 const SCHEMA: &str = "
@@ -773,12 +774,6 @@ fn crash_after_three_commits(env: &[(&str, &str)], restart_env: &[(&str, &str)])
         );
     }
     committed
-}
-
-/// The session parallel apply deals a transaction with id `xid` on the
-/// peer to (the applier's `lane_of`).
-fn lane_of(xid: u32) -> u32 {
-    xid.wrapping_mul(0x9E37_79B9) >> 31
 }
 
 #[test]

@@ -76,8 +76,9 @@
 //! Parallel apply (`parallel_apply`, off by default): a second batched
 //! session, the lane, with a replication origin of its own
 //! (`bdr_<peer>_1`), takes about half of the transactions: each is dealt
-//! by its transaction id on the peer ([`lane_of`]), so that the same
-//! transaction goes to the same session however often it is sent. Each
+//! by its transaction id on the peer ([`crate::origin::lane_of`]), so
+//! that the same transaction goes to the same session however often it
+//! is sent. Each
 //! session commits its own transactions in the peer's order, so its
 //! origin's progress says which of them are committed; between the two,
 //! commits are not ordered. A transaction that touches a key (relation
@@ -155,7 +156,7 @@ struct Failure {
 #[derive(Debug)]
 struct KeptTxn {
     seq: u64,
-    /// The session it is dealt to (see [`lane_of`]).
+    /// The session it is dealt to (see [`crate::origin::lane_of`]).
     lane: usize,
     /// Whether it is known committed (or was before: skipped).
     committed: bool,
@@ -254,9 +255,9 @@ struct Parallel {
     lane_origin: String,
     /// The first batched session's seat (`[0]`) and the lane's (`[1]`).
     seats: [Seat; 2],
-    /// For each session, the end LSN of the last transaction dealt to
-    /// it, unless every transaction before is known committed.
-    last: [Option<Lsn>; 2],
+    /// The end LSN of the last transaction dealt to the lane, unless
+    /// every transaction before is known committed.
+    lane_last: Option<Lsn>,
     /// A transaction sent as statements on the first session, which the
     /// next transaction of the lane waits for.
     fence: Option<Lsn>,
@@ -285,7 +286,9 @@ impl Parallel {
             // Twice what is left: pruning stays linear in the keys noted.
             self.prune_at = MAX_KEYS.max(2 * self.keys.len());
         }
-        self.last[lane] = Some(end_lsn);
+        if lane == 1 {
+            self.lane_last = Some(end_lsn);
+        }
     }
 
     /// What the open transaction, complete and dealt to `lane`, waits for
@@ -342,14 +345,6 @@ fn take_committed(kept: &mut VecDeque<KeptTxn>) -> Option<(Lsn, u64)> {
     last.map(|lsn| (lsn, commits))
 }
 
-/// The session a transaction is dealt to, of two, by its transaction id
-/// on the peer: the same wherever and however often the peer sends it
-/// (whole or streamed), so that after a restart it is known which
-/// session's origin tells whether it is committed.
-fn lane_of(xid: u32) -> usize {
-    (xid.wrapping_mul(0x9E37_79B9) >> 31) as usize
-}
-
 /// One batched session's replies awaited and state (see [`Batch::side`]).
 struct Side<'a> {
     sent: &'a mut VecDeque<Tag>,
@@ -369,6 +364,9 @@ fn last_commit(sent: &VecDeque<Tag>) -> Option<Lsn> {
         _ => None,
     })
 }
+
+/// Unbinds the session's replication origin.
+const ORIGIN_RESET: &str = "SELECT pg_catalog.pg_replication_origin_session_reset()";
 
 /// Keys remembered before those of committed transactions are dropped.
 const MAX_KEYS: usize = 1 << 16;
@@ -692,7 +690,7 @@ impl Batch {
             },
             lane_origin: name.to_owned(),
             seats,
-            last: [None; 2],
+            lane_last: None,
             fence: None,
             keys: HashMap::new(),
             open_keys: Vec::new(),
@@ -714,15 +712,20 @@ impl Batch {
         self.progress = [own, progress.lane.map_or(own, |l| l.0)];
     }
 
-    /// Marks the transactions of session `lane` up to `seq` committed.
-    fn mark_committed(&mut self, lane: usize, seq: u64) {
+    /// Session `lane` confirmed the COMMIT of transaction `seq`, ending
+    /// at `lsn`: the commits to confirm, if any (see [`take_committed`]).
+    /// Without parallel apply every COMMIT confirms itself.
+    fn commit_confirmed(&mut self, lane: usize, seq: u64, lsn: Lsn) -> Option<(Lsn, u64)> {
         mark_committed(&mut self.kept, lane, seq);
+        take_committed(&mut self.kept).or(self.par.is_none().then_some((lsn, 1)))
     }
 
-    /// Drops the committed transactions from the front of those kept
-    /// (see [`take_committed`]).
-    fn take_committed(&mut self) -> Option<(Lsn, u64)> {
-        take_committed(&mut self.kept)
+    /// Batched session `lane`'s wire and replication origin.
+    fn wire_and_origin(&mut self, lane: usize) -> (&mut Wire, &str) {
+        match (lane, self.par.as_mut()) {
+            (1, Some(p)) => (&mut p.lane.wire, p.lane_origin.as_str()),
+            _ => (&mut self.wire, self.origin.as_str()),
+        }
     }
 
     /// Whether replies are awaited or a batch is ready to go, on either
@@ -893,14 +896,14 @@ impl Batch {
         let Some(p) = self.par.as_mut() else {
             return Ok(());
         };
-        let Some(lsn) = p.last[1] else {
+        let Some(lsn) = p.lane_last else {
             return Ok(());
         };
         if self.open_at.is_none() {
             return Ok(());
         }
         let seat = p.seats[1];
-        p.last[1] = None;
+        p.lane_last = None;
         self.wire.execute(
             APPLY_WAIT,
             &[Param::four_bytes(seat.roident), Param::eight_bytes(lsn)],
@@ -1042,7 +1045,7 @@ impl Batch {
         if let Some(p) = self.par.as_mut() {
             p.lane.call.buf.clear();
             p.lane.call.last = None;
-            p.last = [None; 2];
+            p.lane_last = None;
             p.fence = None;
             p.open_keys.clear();
             p.keys.clear();
@@ -1161,7 +1164,11 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         if let Message::Begin(m) = msg {
             let b = self.batch.as_mut().expect("batched");
-            let lane = if b.par.is_some() { lane_of(m.xid) } else { 0 };
+            let lane = if b.par.is_some() {
+                crate::origin::lane_of(m.xid)
+            } else {
+                0
+            };
             if m.final_lsn < b.progress[lane] {
                 // Committed before the stream started (or the failure):
                 // its session's origin is past it.
@@ -1337,7 +1344,7 @@ impl Applier {
                     t.end_lsn = Some(m.end_lsn);
                     t.committed = true;
                 }
-                if let Some((lsn, commits)) = b.take_committed() {
+                if let Some((lsn, commits)) = take_committed(&mut b.kept) {
                     self.pipe.confirm_many(lsn, commits);
                 }
             }
@@ -1507,11 +1514,8 @@ impl Applier {
                 }) => {
                     // Each session commits in the peer's order: every
                     // transaction of this session before it committed too.
-                    b.mark_committed(lane, seq);
-                    match b.take_committed() {
-                        Some((lsn, commits)) => self.pipe.confirm_many(lsn, commits),
-                        None if !parallel => self.pipe.confirm(lsn),
-                        None => {}
+                    if let Some((lsn, commits)) = b.commit_confirmed(lane, seq, lsn) {
+                        self.pipe.confirm_many(lsn, commits);
                     }
                     Ok(())
                 }
@@ -1638,7 +1642,7 @@ impl Applier {
                 t.committed = true;
             }
         }
-        if let Some((lsn, commits)) = b.take_committed() {
+        if let Some((lsn, commits)) = take_committed(&mut b.kept) {
             self.pipe.confirm_many(lsn, commits);
         }
         let b = self.batch.as_mut().expect("batched");
@@ -1728,7 +1732,7 @@ impl Applier {
             } else {
                 // Everything is committed.
                 if let Some(p) = b.par.as_mut() {
-                    p.last = [None; 2];
+                    p.lane_last = None;
                     p.fence = None;
                 }
                 return Ok(true);
@@ -1774,12 +1778,9 @@ impl Applier {
     /// the other session (nothing is in flight on either batched one).
     async fn origin_to_other(&mut self, lane: usize) -> Result<(), ApplyError> {
         let b = self.batch.as_mut().expect("batched");
-        let (wire, name) = match (lane, b.par.as_mut()) {
-            (1, Some(p)) => (&mut p.lane.wire, p.lane_origin.clone()),
-            _ => (&mut b.wire, b.origin.clone()),
-        };
-        wire.simple("SELECT pg_catalog.pg_replication_origin_session_reset()")
-            .await?;
+        let (wire, name) = b.wire_and_origin(lane);
+        let name = name.to_owned();
+        wire.simple(ORIGIN_RESET).await?;
         b.on_wire = false;
         b.other = if b.par.is_some() { lane } else { 0 };
         self.client
@@ -1796,14 +1797,9 @@ impl Applier {
     pub(super) async fn origin_to_wire(&mut self) -> Result<(), ApplyError> {
         self.pipe.drain().await?;
         self.pipe.clear();
-        self.client
-            .batch_execute("SELECT pg_catalog.pg_replication_origin_session_reset()")
-            .await?;
+        self.client.batch_execute(ORIGIN_RESET).await?;
         let b = self.batch.as_mut().expect("batched");
-        let (wire, name) = match (b.other, b.par.as_mut()) {
-            (1, Some(p)) => (&mut p.lane.wire, p.lane_origin.as_str()),
-            _ => (&mut b.wire, b.origin.as_str()),
-        };
+        let (wire, name) = b.wire_and_origin(b.other);
         let setup = format!(
             "SELECT pg_catalog.pg_replication_origin_session_setup({})",
             crate::stream::quote_literal(name)?
@@ -1859,13 +1855,9 @@ impl Applier {
                                 seq,
                                 kind: Kind::Commit(lsn),
                             }) = side.sent.pop_front()
+                                && let Some((lsn, commits)) = b.commit_confirmed(lane, seq, lsn)
                             {
-                                b.mark_committed(lane, seq);
-                                match b.take_committed() {
-                                    Some((lsn, commits)) => self.pipe.confirm_many(lsn, commits),
-                                    None if b.par.is_none() => self.pipe.confirm(lsn),
-                                    None => {}
-                                }
+                                self.pipe.confirm_many(lsn, commits);
                             }
                         }
                         Event::Error(_) => {
@@ -1902,21 +1894,13 @@ impl Applier {
         }
         let low = usize::from(lane_at < progress.own);
         let b = self.batch.as_mut().expect("batched");
-        let Some(p) = b.par.as_mut() else {
-            return Ok(());
-        };
-        let name = if low == 1 {
-            p.lane_origin.clone()
+        let held_here = !b.on_wire && b.other == low;
+        let (wire, name) = b.wire_and_origin(low);
+        let name = name.to_owned();
+        if held_here {
+            self.client.batch_execute(ORIGIN_RESET).await?;
         } else {
-            b.origin.clone()
-        };
-        const RESET: &str = "SELECT pg_catalog.pg_replication_origin_session_reset()";
-        if !b.on_wire && b.other == low {
-            self.client.batch_execute(RESET).await?;
-        } else if low == 1 {
-            p.lane.wire.simple(RESET).await?;
-        } else {
-            b.wire.simple(RESET).await?;
+            wire.simple(ORIGIN_RESET).await?;
         }
         self.client
             .execute(crate::origin::ADVANCE_ORIGIN, &[&name, &high.to_string()])
@@ -1930,7 +1914,7 @@ impl Applier {
 mod tests {
     use std::collections::VecDeque;
 
-    use super::{KeptTxn, lane_of, mark_committed, take_committed};
+    use super::{KeptTxn, mark_committed, take_committed};
 
     /// Transactions 0.. dealt to `lanes`, ending at 100, 200, ...
     fn kept(lanes: &[usize]) -> VecDeque<KeptTxn> {
@@ -1964,22 +1948,5 @@ mod tests {
         mark_committed(&mut k, 1, 4);
         assert_eq!(take_committed(&mut k), Some((600, 2)));
         assert!(k.is_empty());
-    }
-
-    #[test]
-    fn transactions_are_dealt_by_their_id_about_evenly() {
-        // The same transaction always goes to the same session.
-        assert_eq!(lane_of(7_654_321), lane_of(7_654_321));
-        // Consecutive ids, as a busy peer gives out: both sessions get
-        // about half, and neither long runs.
-        let lanes: Vec<usize> = (1_000_000..1_010_000).map(lane_of).collect();
-        let ones = lanes.iter().filter(|l| **l == 1).count();
-        assert!((4_500..=5_500).contains(&ones), "{ones}");
-        let longest = lanes
-            .chunk_by(|a, b| a == b)
-            .map(<[usize]>::len)
-            .max()
-            .unwrap_or(0);
-        assert!(longest <= 8, "{longest}");
     }
 }

@@ -375,15 +375,11 @@ impl Applier {
                     at.lane.unwrap_or(at.own)
                 )));
             }
-            Some(b) => {
-                b.set_progress(at);
+            batch => {
+                if let Some(b) = batch {
+                    b.set_progress(at);
+                }
                 // Not in use: its progress would be stale next time.
-                applier
-                    .client
-                    .execute(crate::origin::FORGET_PROGRESS, &[&lane])
-                    .await?;
-            }
-            None => {
                 applier
                     .client
                     .execute(crate::origin::FORGET_PROGRESS, &[&lane])
