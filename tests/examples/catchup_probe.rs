@@ -15,6 +15,12 @@
 //! `CONFLICTS=1` makes every UPDATE a conflict: before each round b
 //! rewrites all rows through a replication origin of its own (not sent to
 //! a), so each row a updates was last written on b by another origin.
+//! `CALLGRIND=dir` runs b's server under `valgrind --tool=callgrind`
+//! (instructions counted, not seconds: the same work counts the same
+//! however busy the machine is), one file per process in `dir`
+//! (`cg.<pid>`, written when the process exits: the apply sessions at the
+//! end of each round); b's processes run some 50 times slower, so use a
+//! small `TX`.
 //! Run it with
 //!
 //! ```sh
@@ -58,6 +64,10 @@ fn main() {
     mesh.node("a")
         .safe_psql("INSERT INTO acc SELECT g, 0, '' FROM generate_series(1, 500000) g");
     mesh.wait_for_catchup();
+    if let Ok(dir) = std::env::var("CALLGRIND") {
+        restart_under_callgrind(mesh.node_mut("b"), std::path::Path::new(&dir));
+        mesh.wait_for_streaming();
+    }
     if builtin {
         mesh.applier("a").stop();
         mesh.applier("b").stop();
@@ -166,7 +176,11 @@ fn main() {
                 "SELECT pid FROM pg_stat_replication WHERE application_name = 'probe_sub'",
             );
             b.safe_psql("ALTER SUBSCRIPTION probe_sub DISABLE");
-            std::thread::sleep(Duration::from_millis(500));
+            // Gone (and, under callgrind, its profile written).
+            b.poll_query_until(
+                "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL",
+                "0",
+            );
             (walsender, apply)
         } else {
             mesh.applier("b").restart();
@@ -226,5 +240,32 @@ fn main() {
             tx as f64 / catch_up
         );
     }
+    if !builtin {
+        // A clean stop: an applier run under a profiler (through
+        // BDR_APPLIER_BIN) writes its profile as it exits.
+        mesh.applier("b").stop();
+    }
     let _ = std::fs::remove_file(&script);
+}
+
+/// Restarts `node` with its server under callgrind, one output file per
+/// process in `dir`.
+fn restart_under_callgrind(node: &mut Node, dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    // The server user writes the profiles.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let wrapper = dir.join("postgres-under-callgrind");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file={}/cg.%p {} \"$@\"\n",
+            dir.display(),
+            bindir().join("postgres").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    node.stop();
+    node.start_under(&wrapper);
 }

@@ -223,8 +223,25 @@ impl Node {
 
     /// Starts the server and waits until it accepts connections.
     pub fn start(&mut self) {
+        self.start_with("120", &[]);
+    }
+
+    /// Starts the server through `program`, run by the server user in
+    /// place of `postgres` with the same arguments (a profiler's wrapper
+    /// script, say), and waits until it accepts connections.
+    pub fn start_under(&mut self, program: &Path) {
+        let program = program.to_string_lossy();
+        // Slower to start than the server alone.
+        self.start_with("600", &["-p", &program]);
+    }
+
+    fn start_with(&mut self, wait_secs: &str, extra: &[&str]) {
         let log = self.log_file();
-        let out = self.pg_ctl(&["-w", "-t", "120", "-l", &log.to_string_lossy(), "start"]);
+        let log = log.to_string_lossy();
+        let mut args = vec!["-w", "-t", wait_secs, "-l", &log];
+        args.extend_from_slice(extra);
+        args.push("start");
+        let out = self.pg_ctl(&args);
         if !out.status.success() {
             panic!(
                 "starting node {} failed:\n{}\nserver log tail:\n{}",

@@ -106,7 +106,8 @@
 //! transaction of the peer before an earlier one that touches none of
 //! its rows.
 
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 
 use bdr_protocol::apply::{
@@ -262,8 +263,9 @@ struct Parallel {
     /// next transaction of the lane waits for.
     fence: Option<Lsn>,
     /// For each key (relation and key values, hashed), the last
-    /// transaction to touch it: its sequence number, session and end LSN.
-    keys: HashMap<u64, (u64, usize, Lsn)>,
+    /// transaction to touch it: its sequence number, session and end LSN
+    /// (the keys are hashes already: a fast hash of them).
+    keys: FxHashMap<u64, (u64, usize, Lsn)>,
     /// The keys the open transaction touches.
     open_keys: Vec<u64>,
     /// Whether the sessions were cancelled since the last failure.
@@ -692,7 +694,7 @@ impl Batch {
             seats,
             lane_last: None,
             fence: None,
-            keys: HashMap::new(),
+            keys: FxHashMap::default(),
             open_keys: Vec::new(),
             cancelled: false,
             prune_at: MAX_KEYS,
@@ -1113,11 +1115,11 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         let b = self.batch.as_mut().expect("batched");
         if b.skipping {
-            return self.skip(msg).await;
+            return Box::pin(self.skip(msg)).await;
         }
         if !b.on_wire {
             if !(matches!(msg, Message::Begin(_)) && self.txn.is_none()) {
-                return self.dispatch_other(frame, raw, msg).await;
+                return Box::pin(self.dispatch_other(frame, raw, msg)).await;
             }
             self.origin_to_wire().await?;
         }
@@ -1127,17 +1129,17 @@ impl Applier {
             // The session broke, or outside a transaction there is
             // nothing to hand over.
             Err(e) if matches!(e, ApplyError::Wire(_)) || b.open_at.is_none() => return Err(e),
-            Err(ApplyError::NeedsStatements) => return self.hand_over(false).await,
+            Err(ApplyError::NeedsStatements) => return Box::pin(self.hand_over(false)).await,
             // Applied again one statement at a time, where the error comes
             // back with its context (or turns out to be a conflict).
             Err(e) => {
                 debug!(error = %e, "cannot batch this transaction");
-                return self.hand_over(true).await;
+                return Box::pin(self.hand_over(true)).await;
             }
             Ok(()) => {}
         }
         if b.open_bytes() >= super::pipeline::chunk_bytes() {
-            return self.hand_over(false).await;
+            return Box::pin(self.hand_over(false)).await;
         }
         b.send_ready().await?;
         // Until a batch in flight is answered and what waits goes out.
@@ -1193,7 +1195,13 @@ impl Applier {
                 committed: false,
                 end_lsn: None,
                 bytes: raw.len(),
-                messages: vec![raw],
+                // BEGIN, the changes, COMMIT: room for the common
+                // transaction of two changes without growing.
+                messages: {
+                    let mut m = Vec::with_capacity(4);
+                    m.push(raw);
+                    m
+                },
             });
             b.next_seq += 1;
             b.open_lane = lane;
@@ -1311,7 +1319,9 @@ impl Applier {
                 Ok(())
             }
             Message::Relation(m) => {
-                let mapped = super::relation::MappedRelation::map(&self.client, m).await?;
+                // Boxed: rare, and every message awaits this future.
+                let mapped =
+                    Box::pin(super::relation::MappedRelation::map(&self.client, m)).await?;
                 self.relations.define(m.rel_id, mapped);
                 Ok(())
             }
@@ -1444,7 +1454,7 @@ impl Applier {
             match tokio::time::timeout(CANCEL_AGAIN, b.next_event()).await {
                 Ok(Some(event)) => return self.on_batch_event(event?).await,
                 Ok(None) => return Ok(()),
-                Err(_) => return self.cancel_sessions().await,
+                Err(_) => return Box::pin(self.cancel_sessions()).await,
             }
         }
         match b.next_event().await {
@@ -1551,7 +1561,7 @@ impl Applier {
                     sent.pop_front();
                 }
                 if first && parallel && b.par.as_ref().is_some_and(|p| !p.cancelled) {
-                    self.cancel_sessions().await?;
+                    Box::pin(self.cancel_sessions()).await?;
                 }
                 Ok(())
             }
@@ -1582,7 +1592,7 @@ impl Applier {
                         .flatten()
                         .min_by_key(|f| f.seq)
                         .expect("a session failed");
-                    return self.recover(failure).await;
+                    return Box::pin(self.recover(failure)).await;
                 }
                 if status != b'I' {
                     // Batches hold whole transactions, each ending in COMMIT.

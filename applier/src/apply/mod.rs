@@ -393,9 +393,16 @@ impl Applier {
     /// transactions; one that no row can carry when this node has no
     /// origin for it.
     async fn origin_id(&mut self, node: NodeId) -> Result<u32, ApplyError> {
-        if let Some(id) = self.origin_ids.get(&node) {
-            return Ok(*id);
+        match self.origin_ids.get(&node) {
+            Some(id) => Ok(*id),
+            // Once per node: boxed, the BEGIN of every transaction awaits
+            // this future.
+            None => Box::pin(self.look_up_origin_id(node)).await,
         }
+    }
+
+    /// Looks up (and remembers) the local replication origin for `node`.
+    async fn look_up_origin_id(&mut self, node: NodeId) -> Result<u32, ApplyError> {
         let row = self
             .client
             .query_opt(
@@ -496,8 +503,10 @@ impl Applier {
             Settling::Pipe(result) => result,
             Settling::Batch(event) => {
                 // A failed batch is applied again here, conflicts and all.
-                let result = self.on_batch_event(event?).await;
-                self.stop_on_conflict(result).await
+                match self.on_batch_event(event?).await {
+                    Err(ApplyError::ConflictStop(record)) => Box::pin(self.stop_for(record)).await,
+                    other => other,
+                }
             }
             Settling::Send => match self.batch.as_mut() {
                 Some(b) => b.send_ready().await,
@@ -525,13 +534,19 @@ impl Applier {
     /// Applies one message; `raw` is its bytes, a slice of `frame`. A
     /// conflict that stops apply rolls the transaction back and is
     /// recorded on its own.
+    ///
+    /// Called for every message: the paths most messages never take
+    /// (streamed transactions, a batch applied again, a conflict that
+    /// stops apply) are boxed futures, so that this one stays small (the
+    /// caller moves it, several kilobytes otherwise, for each message).
     pub(crate) async fn handle(
         &mut self,
         frame: &Bytes,
         raw: Bytes,
         msg: &Message<'_>,
     ) -> Result<(), ApplyError> {
-        if self.streamed(frame, &raw, msg).await? {
+        self.streams.note_relation(&raw, msg);
+        if self.streams.involved(msg) && Box::pin(self.streamed(frame, &raw, msg)).await? {
             return Ok(());
         }
         self.apply(frame, raw, msg).await
@@ -547,27 +562,26 @@ impl Applier {
         let result = if self.batch.is_some() {
             self.dispatch_batched(frame, raw, msg).await
         } else {
-            self.dispatch_other(frame, raw, msg).await
+            Box::pin(self.dispatch_other(frame, raw, msg)).await
         };
-        self.stop_on_conflict(result).await
-    }
-
-    /// A conflict that stops apply rolls the transaction back and is
-    /// recorded on its own.
-    async fn stop_on_conflict(&mut self, result: Result<(), ApplyError>) -> Result<(), ApplyError> {
         match result {
-            Err(ApplyError::ConflictStop(record)) => {
-                self.forget_held();
-                self.pipe.drain().await?;
-                self.pipe.clear();
-                if self.txn.take().is_some() {
-                    self.client.batch_execute("ROLLBACK").await?;
-                }
-                record.report(&self.client).await?;
-                Err(ApplyError::ConflictStop(record))
-            }
+            Err(ApplyError::ConflictStop(record)) => Box::pin(self.stop_for(record)).await,
             other => other,
         }
+    }
+
+    /// A conflict that stops apply: rolls back the transaction that
+    /// `record`'s conflict stops and records the conflict on its own; the
+    /// error to stop with.
+    async fn stop_for(&mut self, record: Box<ConflictRecord>) -> Result<(), ApplyError> {
+        self.forget_held();
+        self.pipe.drain().await?;
+        self.pipe.clear();
+        if self.txn.take().is_some() {
+            self.client.batch_execute("ROLLBACK").await?;
+        }
+        record.report(&self.client).await?;
+        Err(ApplyError::ConflictStop(record))
     }
 
     /// Applies one message on the first session, pipelined or not.

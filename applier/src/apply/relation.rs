@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use bdr_protocol::apply::{LocalColumn, LocalRelation};
 use bdr_protocol::{Message, Messages, Oid, RelId, Relation, ReplicaIdentity, write_relation};
+use rustc_hash::FxHashMap;
 use tokio_postgres::{Client, Row, Statement};
 
 use super::ApplyError;
@@ -415,10 +416,11 @@ async fn unique_indexes(
     Ok(out)
 }
 
-/// The relations of one stream, by stream-local id.
+/// The relations of one stream, by stream-local id (looked up for every
+/// change: a fast hash of the peer's ids).
 #[derive(Debug, Default)]
 pub(crate) struct RelationMap {
-    by_id: HashMap<RelId, MappedRelation>,
+    by_id: FxHashMap<RelId, MappedRelation>,
 }
 
 impl RelationMap {

@@ -167,10 +167,36 @@ impl<F: Read> Reader<F> {
     }
 }
 
+impl Streams {
+    /// Notes a RELATION message as the peer's latest description.
+    pub(super) fn note_relation(&mut self, raw: &Bytes, msg: &Message<'_>) {
+        if let Message::Relation(m) = msg {
+            self.relations.insert(m.rel_id, raw.clone());
+        }
+    }
+
+    /// Whether [`Applier::streamed`] has anything to do with `msg`: a
+    /// message of streaming, one inside a block of a streamed
+    /// transaction, or the BEGIN of a whole transaction while one is
+    /// applied as it arrives.
+    pub(super) fn involved(&self, msg: &Message<'_>) -> bool {
+        matches!(
+            msg,
+            Message::StreamStart(_)
+                | Message::StreamStop
+                | Message::Subxact(_)
+                | Message::StreamCommit(_)
+                | Message::StreamAbort(_)
+        ) || self.block.is_some()
+            || (matches!(msg, Message::Begin(_)) && self.direct.is_some())
+    }
+}
+
 impl Applier {
     /// Takes the messages of streamed transactions (and notes what a
     /// whole transaction's arrival means for one applied as it arrives);
-    /// whether `msg` was taken.
+    /// whether `msg` was taken. Only called for a message it is
+    /// [`Streams::involved`] with, after [`Streams::note_relation`].
     pub(super) async fn streamed(
         &mut self,
         frame: &Bytes,
@@ -204,9 +230,6 @@ impl Applier {
                 return Ok(true);
             }
             _ => {}
-        }
-        if let Message::Relation(m) = msg {
-            self.streams.relations.insert(m.rel_id, raw.clone());
         }
         let Some((top, sub)) = self.streams.block else {
             // A whole transaction commits before the one applied as it
