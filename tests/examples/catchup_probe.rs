@@ -15,6 +15,8 @@
 //! `CONFLICTS=1` makes every UPDATE a conflict: before each round b
 //! rewrites all rows through a replication origin of its own (not sent to
 //! a), so each row a updates was last written on b by another origin.
+//! `ONE_WAY=1` stops a's applier before the rounds, so that b has no
+//! walsender decoding what it applies (as in the benchmark's pairs).
 //! `CALLGRIND=dir` runs b's server under `valgrind --tool=callgrind`
 //! (instructions counted, not seconds: the same work counts the same
 //! however busy the machine is), one file per process in `dir`
@@ -64,6 +66,9 @@ fn main() {
     mesh.node("a")
         .safe_psql("INSERT INTO acc SELECT g, 0, '' FROM generate_series(1, 500000) g");
     mesh.wait_for_catchup();
+    if std::env::var("ONE_WAY").as_deref() == Ok("1") && !builtin {
+        mesh.applier("a").stop();
+    }
     if let Ok(dir) = std::env::var("CALLGRIND") {
         restart_under_callgrind(mesh.node_mut("b"), std::path::Path::new(&dir));
         mesh.wait_for_streaming();
@@ -93,7 +98,7 @@ fn main() {
         // again (the built-in's slot starts after it).
         if !builtin {
             mesh.node("a").safe_psql("CHECKPOINT");
-            mesh.wait_for_catchup();
+            mesh.wait_for_catchup_from("a");
             mesh.applier("b").stop();
         }
         if lane_rows {
