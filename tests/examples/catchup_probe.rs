@@ -21,8 +21,10 @@
 //! (instructions counted, not seconds: the same work counts the same
 //! however busy the machine is), one file per process in `dir`
 //! (`cg.<pid>`, written when the process exits: the apply sessions at the
-//! end of each round); b's processes run some 50 times slower, so use a
-//! small `TX`.
+//! end of each round; the count is the `totals:` line, the `summary:`
+//! line of a forked process is wrong); b's processes run some 50 times
+//! slower, so use a small `TX`. An applier is profiled the same way
+//! through `BDR_APPLIER_BIN` naming a wrapper script.
 //! Run it with
 //!
 //! ```sh
@@ -66,12 +68,12 @@ fn main() {
     mesh.node("a")
         .safe_psql("INSERT INTO acc SELECT g, 0, '' FROM generate_series(1, 500000) g");
     mesh.wait_for_catchup();
-    if std::env::var("ONE_WAY").as_deref() == Ok("1") && !builtin {
-        mesh.applier("a").stop();
-    }
     if let Ok(dir) = std::env::var("CALLGRIND") {
         restart_under_callgrind(mesh.node_mut("b"), std::path::Path::new(&dir));
         mesh.wait_for_streaming();
+    }
+    if std::env::var("ONE_WAY").as_deref() == Ok("1") && !builtin {
+        mesh.applier("a").stop();
     }
     if builtin {
         mesh.applier("a").stop();
