@@ -15,6 +15,12 @@
 //! `CONFLICTS=1` makes every UPDATE a conflict: before each round b
 //! rewrites all rows through a replication origin of its own (not sent to
 //! a), so each row a updates was last written on b by another origin.
+//! `SPREAD_ROWS=1` has b rewrite every row of `acc` through a's origin,
+//! each in a transaction of its own, once before the rounds: the rows'
+//! writers then span 500,000 transaction ids, as after a long life,
+//! instead of the one of the initial load (the commit timestamp that
+//! conflict detection looks up for each row found is then rarely in
+//! memory).
 //! `ONE_WAY=1` stops a's applier before the rounds, so that b has no
 //! walsender decoding what it applies (as in the benchmark's pairs).
 //! `CALLGRIND=dir` runs b's server under `valgrind --tool=callgrind`
@@ -74,6 +80,26 @@ fn main() {
     }
     if std::env::var("ONE_WAY").as_deref() == Ok("1") && !builtin {
         mesh.applier("a").stop();
+    }
+    if std::env::var("SPREAD_ROWS").as_deref() == Ok("1") {
+        // b's applier holds a's origin meanwhile.
+        mesh.applier("b").stop();
+        let b = mesh.node("b");
+        b.safe_psql(
+            "CREATE PROCEDURE probe_spread() LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               PERFORM pg_replication_origin_session_setup(roname) \
+                  FROM pg_replication_origin WHERE roname ~ '^bdr_[0-9a-f]{16}$'; \
+               FOR i IN 1..500000 LOOP \
+                 UPDATE acc SET filler = 's' WHERE aid = i; \
+                 COMMIT; \
+               END LOOP; \
+             END $$",
+        );
+        // A CALL alone: its COMMITs need a non-atomic context.
+        b.safe_psql("CALL probe_spread()");
+        b.safe_psql("VACUUM acc");
+        mesh.applier("b").restart();
     }
     if builtin {
         mesh.applier("a").stop();
