@@ -829,7 +829,7 @@ fn parallel_apply_keeps_statements_in_order_with_everything_around_them() {
         "t",
     );
     // The second session's transactions after the TRUNCATE wait for it.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    thread::sleep(Duration::from_millis(500));
     local.batch_execute("COMMIT").expect("released");
     mesh.wait_for_catchup();
     let expected: Vec<String> = (truncated + 1..40)

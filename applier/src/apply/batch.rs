@@ -78,10 +78,9 @@
 //! (`bdr_<peer>_1`), takes about half of the transactions: each is dealt
 //! by its transaction id on the peer ([`crate::origin::lane_of`]), so
 //! that the same transaction goes to the same session however often it
-//! is sent. Each
-//! session commits its own transactions in the peer's order, so its
-//! origin's progress says which of them are committed; between the two,
-//! commits are not ordered. A transaction that touches a key (relation
+//! is sent. Each session commits its own transactions in the peer's
+//! order, so its origin's progress says which of them are committed;
+//! between the two, commits are not ordered. A transaction that touches a key (relation
 //! and replica identity values) of a transaction of the other session
 //! not known committed waits, before it applies anything, until that one
 //! has committed (`plugin/src/apply.rs`). Only the first session sends

@@ -20,9 +20,9 @@
 //! other one is open and apply is pipelined (and not parallel), it is
 //! also applied as it arrives ("direct"): a local transaction on the
 //! first session (the replication origin moves there, as for any large
-//! transaction), with the changes pipelined as in a large transaction. Its COMMIT records the
-//! commit LSN and time that STREAM COMMIT brings, so the origin's progress
-//! still commits atomically with the rows.
+//! transaction), with the changes pipelined as in a large transaction.
+//! Its COMMIT records the commit LSN and time that STREAM COMMIT brings,
+//! so the origin's progress still commits atomically with the rows.
 //!
 //! Applying as it arrives stops, and the local transaction is rolled
 //! back, as soon as anything would need the transaction's commit time or
