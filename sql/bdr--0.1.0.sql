@@ -21,6 +21,12 @@ CREATE FUNCTION bdr.xact_origin(xid) RETURNS oid
 COMMENT ON FUNCTION bdr.xact_origin(xid) IS
     'the replication origin of the transaction''s commit (0: local), NULL when unknown; (pg_xact_commit_timestamp_origin(xid)).roident without the record';
 
+CREATE FUNCTION bdr.writer_cache_origin(xid) RETURNS oid
+    LANGUAGE c STRICT VOLATILE PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'writer_cache_origin';
+COMMENT ON FUNCTION bdr.writer_cache_origin(xid) IS
+    'the replication origin the writer cache (bdr.writer_cache_size) holds for the transaction, NULL when it holds none';
+
 -- Row changes of a remote transaction applied by the server itself, as
 -- PostgreSQL's apply worker applies them (bdr-applier's batched session;
 -- see plugin/src/apply.rs and protocol/src/apply.rs). It writes without

@@ -1297,12 +1297,21 @@ unsafe fn find(
             &mut null,
         );
         let xid = pg_sys::TransactionId::from_inner(xmin.value() as u32);
+        if null {
+            return;
+        }
+        // The writer cache answers for most rows last written by a peer;
+        // it is trusted only to let the change through (see writers.rs).
+        if let Some(writer) = crate::writers::writer_of(xid)
+            && (u32::from(writer) == origin || u32::from(crate::peer_origin(writer)) == origin)
+        {
+            return;
+        }
         let mut ts: pg_sys::TimestampTz = 0;
         let mut writer: pg_sys::RepOriginId = 0;
         // The name of an origin not `origin` is looked up: it may be
         // another of the applier's for the same peer.
-        if !null
-            && pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut writer)
+        if pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut writer)
             && u32::from(writer) != origin
             && u32::from(crate::peer_origin(writer)) != origin
         {

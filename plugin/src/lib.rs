@@ -23,13 +23,15 @@ mod pg;
 mod relation;
 mod startup;
 mod stream;
+mod writers;
 
 pgrx::pg_module_magic!();
 
-/// Library load: the settings and hooks of [`guard`].
+/// Library load: the settings and hooks of [`guard`] and [`writers`].
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guard::init();
+    writers::init();
 }
 
 /// The extension's version, as installed by `CREATE EXTENSION bdr`.

@@ -31,6 +31,8 @@
 //! line of a forked process is wrong); b's processes run some 50 times
 //! slower, so use a small `TX`. An applier is profiled the same way
 //! through `BDR_APPLIER_BIN` naming a wrapper script.
+//! `CONF=lines` appends `lines` to both servers' settings (for example
+//! `CONF='bdr.writer_cache_size = 0'`).
 //! Run it with
 //!
 //! ```sh
@@ -68,6 +70,9 @@ fn main() {
             "shared_buffers = 256MB\ncheckpoint_timeout = 30min\nmax_wal_size = 4GB\n\
              logical_decoding_work_mem = 64MB\nautovacuum = off\n",
         );
+        if let Ok(lines) = std::env::var("CONF") {
+            node.append_conf(&lines);
+        }
         node.restart();
     }
     mesh.wait_for_streaming();
@@ -194,6 +199,7 @@ fn main() {
             std::thread::sleep(Duration::from_millis(500));
             child
         });
+        let walwriter_before = walwriter_cpu(mesh.node("b"));
         let t = Instant::now();
         let (walsender, apply) = if builtin {
             let b = mesh.node("b");
@@ -252,6 +258,7 @@ fn main() {
             (walsender, applier + sessions)
         };
         let catch_up = t.elapsed().as_secs_f64();
+        let walwriter = walwriter_cpu(mesh.node("b")) - walwriter_before;
         if let Some(mut child) = perf {
             let _ = Command::new("kill")
                 .args(["-INT", &child.id().to_string()])
@@ -268,7 +275,7 @@ fn main() {
         eprintln!("run {run}: a's slots: {slots}");
         eprintln!(
             "run {run}: {tx} tx written in {write:.2} s; {} caught up in {catch_up:.2} s = {:.0} tx/s; \
-             CPU s: a's walsender {walsender:.2}, apply {apply:.2}",
+             CPU s: a's walsender {walsender:.2}, apply {apply:.2}, b's walwriter {walwriter:.2}",
             if builtin { "built-in" } else { "bdr" },
             tx as f64 / catch_up
         );
@@ -279,6 +286,15 @@ fn main() {
         mesh.applier("b").stop();
     }
     let _ = std::fs::remove_file(&script);
+}
+
+/// CPU seconds of `node`'s WAL writer, which the receiver's asynchronous
+/// commits wake.
+fn walwriter_cpu(node: &Node) -> f64 {
+    cpu_of_query(
+        node,
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'",
+    )
 }
 
 /// Restarts `node` with its server under callgrind, one output file per

@@ -178,6 +178,53 @@ fn xact_origin_is_the_commit_timestamp_origin() {
 }
 
 #[test]
+fn the_writer_cache_holds_transactions_committed_through_an_origin() {
+    let mut node = started("wcache");
+    node.safe_psql("CREATE EXTENSION bdr");
+    assert_eq!(
+        node.safe_psql(
+            "SELECT current_setting('bdr.writer_cache_size'), size FROM pg_shmem_allocations \
+              WHERE name = 'bdr writer cache'"
+        ),
+        "1048576|8388608"
+    );
+    node.safe_psql("CREATE TABLE w (id int PRIMARY KEY, v int)");
+    node.safe_psql("SELECT pg_replication_origin_create('bdr_00000000000000aa')");
+    let through_origin = |node: &Node, sql: &str| {
+        node.safe_psql(&format!(
+            "SELECT pg_replication_origin_session_setup('bdr_00000000000000aa'); {sql}"
+        ))
+    };
+    node.safe_psql("INSERT INTO w VALUES (1, 0)");
+    through_origin(&node, "INSERT INTO w VALUES (2, 0)");
+    // Rolled back: the row is gone, and so is its transaction.
+    through_origin(&node, "BEGIN; INSERT INTO w VALUES (3, 0); ROLLBACK");
+    // Row 4 is written by the transaction's subtransaction, whose id the
+    // cache does not hold (the commit timestamp data has it).
+    through_origin(
+        &node,
+        "BEGIN; INSERT INTO w VALUES (5, 0); SAVEPOINT s; INSERT INTO w VALUES (4, 0); COMMIT",
+    );
+    // format() writes NULL as nothing.
+    let origins = "SELECT string_agg(format('%s:%s:%s', id, bdr.writer_cache_origin(xmin), \
+                                            bdr.xact_origin(xmin)), ',' ORDER BY id) FROM w";
+    assert_eq!(node.safe_psql(origins), "1::0,2:1:1,4::1,5:1:1");
+    // The cache lives in shared memory: empty after a restart, where the
+    // commit timestamp data still answers.
+    node.restart();
+    assert_eq!(node.safe_psql(origins), "1::0,2::1,4::1,5::1");
+    // Off: no shared memory, nothing held.
+    node.append_conf("bdr.writer_cache_size = 0");
+    node.restart();
+    through_origin(&node, "UPDATE w SET v = 1 WHERE id = 2");
+    assert_eq!(node.safe_psql(origins), "1::0,2::1,4::1,5::1");
+    assert_eq!(
+        node.safe_psql("SELECT count(*) FROM pg_shmem_allocations WHERE name = 'bdr writer cache'"),
+        "0"
+    );
+}
+
+#[test]
 fn apply_require_row_fails_client_changes_that_touch_no_row() {
     use postgres::error::SqlState;
     let node = started("guard");
