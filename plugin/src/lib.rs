@@ -92,12 +92,79 @@ pub unsafe extern "C-unwind" fn xact_origin(fcinfo: pg_sys::FunctionCallInfo) ->
 /// applier's further origins for that peer (`bdr_<16 hex digits>_<n>`),
 /// else `origin`.
 ///
+/// Answers are kept per backend (a row search asks for every row last
+/// written through another session's origin) and forgotten whenever
+/// `pg_replication_origin` changes, as its catalog cache entries are.
+///
 /// # Safety
 /// Must run in a backend, in a transaction.
 pub(crate) unsafe fn peer_origin(origin: pg_sys::RepOriginId) -> pg_sys::RepOriginId {
     if origin == 0 {
         return origin;
     }
+    if let Some(peer) = PEERS.with_borrow(|p| p.iter().find(|(o, _)| *o == origin).map(|e| e.1)) {
+        return peer;
+    }
+    // An answer looked up while the catalog changed is not kept.
+    let generation = GENERATION.get();
+    // SAFETY: per the contract.
+    let peer = unsafe { look_up_peer_origin(origin) };
+    if FORGETTING.get() && GENERATION.get() != generation {
+        return peer;
+    }
+    PEERS.with_borrow_mut(|p| {
+        if !FORGETTING.get() {
+            // SAFETY: in a backend; registered once.
+            unsafe {
+                for cache in [
+                    pg_sys::SysCacheIdentifier::REPLORIGIDENT,
+                    pg_sys::SysCacheIdentifier::REPLORIGNAME,
+                ] {
+                    pg_sys::CacheRegisterSyscacheCallback(
+                        cache as i32,
+                        Some(forget_peer_origins),
+                        pg_sys::Datum::from(0usize),
+                    );
+                }
+            }
+            FORGETTING.set(true);
+        }
+        // Origins are few (bounded by max_replication_slots).
+        if p.len() >= 64 {
+            p.clear();
+        }
+        p.push((origin, peer));
+    });
+    peer
+}
+
+thread_local! {
+    /// [`peer_origin`]'s answers: (origin, peer's origin).
+    static PEERS: std::cell::RefCell<Vec<(pg_sys::RepOriginId, pg_sys::RepOriginId)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+    /// Whether [`forget_peer_origins`] is registered.
+    static FORGETTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// How many times it ran.
+    static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A change to `pg_replication_origin` (an origin created or dropped,
+/// here or in another session): the kept answers may be stale.
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_peer_origins(
+    _arg: pg_sys::Datum,
+    _cache: std::ffi::c_int,
+    _hash: u32,
+) {
+    PEERS.with_borrow_mut(Vec::clear);
+    GENERATION.set(GENERATION.get() + 1);
+}
+
+/// [`peer_origin`] from the catalog.
+///
+/// # Safety
+/// As for [`peer_origin`].
+unsafe fn look_up_peer_origin(origin: pg_sys::RepOriginId) -> pg_sys::RepOriginId {
     let mut name: *mut std::ffi::c_char = std::ptr::null_mut();
     // SAFETY: per the contract; the name is palloc'd by the lookup.
     unsafe {

@@ -518,6 +518,34 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
     assert_eq!(call_transactions(&mut b, &[by_peer]), Ok(()));
     assert_eq!(node.safe_psql("SELECT t FROM v WHERE id = 2"), "peer");
     assert_eq!(progress(&node, "peer_1"), "0/600");
+
+    // The further origin is dropped and its id taken by another peer's:
+    // the session that took it as aa's (above) takes it as bb's now.
+    let lane_id = |name: &str| {
+        node.safe_psql(&format!(
+            "SELECT roident FROM pg_replication_origin WHERE roname = '{name}'"
+        ))
+    };
+    let aa_lane = lane_id("bdr_00000000000000aa_1");
+    c.batch_execute(
+        "SELECT pg_replication_origin_session_reset(); \
+         SELECT pg_replication_origin_drop('bdr_00000000000000aa_1'); \
+         SELECT pg_replication_origin_create('bdr_00000000000000bb_1'), \
+                pg_replication_origin_create('bdr_00000000000000bb'); \
+         SELECT pg_replication_origin_session_setup('bdr_00000000000000bb_1'); \
+         BEGIN; UPDATE v SET t = 'lane bb' WHERE id = 2; COMMIT",
+    )
+    .unwrap();
+    assert_eq!(lane_id("bdr_00000000000000bb_1"), aa_lane);
+    let peer_bb: u32 = lane_id("bdr_00000000000000bb").parse().unwrap();
+    let mut next = ordered(0x700, update_t(&rel, 2, "bb").leak(), None);
+    next.origin = Some(peer_aa);
+    let (code, message) =
+        call_transactions(&mut b, std::slice::from_ref(&next)).expect_err("bb row");
+    assert_eq!(code, "P0002", "{message}");
+    next.origin = Some(peer_bb);
+    assert_eq!(call_transactions(&mut b, &[next]), Ok(()));
+    assert_eq!(node.safe_psql("SELECT t FROM v WHERE id = 2"), "bb");
 }
 
 #[test]
