@@ -31,6 +31,8 @@
 //! line of a forked process is wrong); b's processes run some 50 times
 //! slower, so use a small `TX`. An applier is profiled the same way
 //! through `BDR_APPLIER_BIN` naming a wrapper script.
+//! `BULK=1` has each transaction insert 1,000 rows into `bulk` instead
+//! (the benchmark's workload 2b: `TX` transactions from one client).
 //! `CONF=lines` appends `lines` to both servers' settings (for example
 //! `CONF='bdr.writer_cache_size = 0'`).
 //! Run it with
@@ -61,7 +63,9 @@ fn main() {
     let mut mesh = Mesh::new(
         &["a", "b"],
         "CREATE TABLE acc (aid int PRIMARY KEY, abalance int, filler char(84));
-         CREATE TABLE hist (aid int, delta int, mtime timestamp);",
+         CREATE TABLE hist (aid int, delta int, mtime timestamp);
+         CREATE TABLE bulk (id bigint PRIMARY KEY, a int, b text, c timestamptz, d numeric, e float8);
+         CREATE SEQUENCE bulk_id;",
     );
     // The benchmark's server settings (bench/src/pair.rs).
     for name in ["a", "b"] {
@@ -110,7 +114,7 @@ fn main() {
         mesh.applier("a").stop();
         mesh.applier("b").stop();
         mesh.node("a")
-            .safe_psql("CREATE PUBLICATION probe_pub FOR TABLE acc, hist");
+            .safe_psql("CREATE PUBLICATION probe_pub FOR TABLE acc, hist, bulk");
         let connstr = mesh.node("a").connstr();
         mesh.node("b").safe_psql(&format!(
             "CREATE SUBSCRIPTION probe_sub CONNECTION '{connstr}' PUBLICATION probe_pub \
@@ -118,13 +122,22 @@ fn main() {
         ));
     }
     let script = std::env::temp_dir().join(format!("catchup_probe_{}.sql", std::process::id()));
+    let bulk = std::env::var("BULK").as_deref() == Ok("1");
     std::fs::write(
         &script,
-        "\\set aid random(1, 500000)\nBEGIN;\n\
-         UPDATE acc SET abalance = abalance + 1 WHERE aid = :aid;\n\
-         INSERT INTO hist VALUES (:aid, 1, now());\nEND;\n",
+        if bulk {
+            // The benchmark's workload 2b.
+            "INSERT INTO bulk SELECT nextval('bulk_id'), g % 1000, md5(g::text), now(), \
+             g * 1.5, g / 7.0 FROM generate_series(1, 1000) g;\n"
+        } else {
+            "\\set aid random(1, 500000)\nBEGIN;\n\
+             UPDATE acc SET abalance = abalance + 1 WHERE aid = :aid;\n\
+             INSERT INTO hist VALUES (:aid, 1, now());\nEND;\n"
+        },
     )
     .unwrap();
+    // The table every transaction adds rows to.
+    let added = if bulk { "bulk" } else { "hist" };
     for run in 0..runs {
         // A checkpoint logs the running transactions; once b has
         // confirmed past it, a's slot need not decode the initial load
@@ -164,13 +177,16 @@ fn main() {
             );
         }
         let port = mesh.node("a").port().to_string();
-        let per_client = (tx / 4).to_string();
+        // One client for BULK=1, as the benchmark writes 2b: keys ascend.
+        let clients: u64 = if bulk { 1 } else { 4 };
+        let per_client = (tx / clients).to_string();
         let t = Instant::now();
         let status = Command::new(bindir().join("pgbench"))
             .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n"])
             .arg("-f")
             .arg(&script)
-            .args(["-c", "4", "-j", "2", "-t", &per_client, "postgres"])
+            .args(["-c", &clients.to_string(), "-j", &clients.min(2).to_string()])
+            .args(["-t", &per_client, "postgres"])
             .stdout(std::process::Stdio::null())
             .status()
             .unwrap();
@@ -225,9 +241,9 @@ fn main() {
             mesh.applier("b").restart();
             mesh.wait_for_catchup_from("a");
             // Every row there, whatever the applier reports.
-            let rows = mesh.node("a").safe_psql("SELECT count(*) FROM hist");
-            mesh.node("b")
-                .poll_query_until("SELECT count(*) FROM hist", &rows);
+            let count = format!("SELECT count(*) FROM {added}");
+            let rows = mesh.node("a").safe_psql(&count);
+            mesh.node("b").poll_query_until(&count, &rows);
             let sessions = cpu_of_query(
                 mesh.node("b"),
                 "SELECT pid FROM pg_stat_activity \
