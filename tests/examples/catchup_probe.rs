@@ -185,7 +185,12 @@ fn main() {
             .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n"])
             .arg("-f")
             .arg(&script)
-            .args(["-c", &clients.to_string(), "-j", &clients.min(2).to_string()])
+            .args([
+                "-c",
+                &clients.to_string(),
+                "-j",
+                &clients.min(2).to_string(),
+            ])
             .args(["-t", &per_client, "postgres"])
             .stdout(std::process::Stdio::null())
             .status()
