@@ -385,6 +385,23 @@ fn ordered(end_lsn: u64, changes: &[u8], after: Option<(u32, u64)>) -> Transacti
     }
 }
 
+/// `txn` on `client` as a change of origin `refused`: refused, its row
+/// being last written by another origin (nothing commits); then as one
+/// of origin `applied`: applied.
+fn refused_then_applied(
+    client: &mut postgres::Client,
+    mut txn: Transaction<'_>,
+    refused: u32,
+    applied: u32,
+) {
+    txn.origin = Some(refused);
+    let (code, message) =
+        call_transactions(client, std::slice::from_ref(&txn)).expect_err("a row of another origin");
+    assert_eq!(code, "P0002", "{message}");
+    txn.origin = Some(applied);
+    assert_eq!(call_transactions(client, &[txn]), Ok(()));
+}
+
 #[test]
 fn a_transaction_commits_after_the_one_it_waits_for() {
     let node = node();
@@ -502,31 +519,22 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
     );
     // So does the server's own search, and it refuses the row for any
     // other origin.
-    let peer_aa: u32 = node
-        .safe_psql(
-            "SELECT roident FROM pg_replication_origin WHERE roname = 'bdr_00000000000000aa'",
-        )
+    let origin_id = |name: &str| -> u32 {
+        node.safe_psql(&format!(
+            "SELECT roident FROM pg_replication_origin WHERE roname = '{name}'"
+        ))
         .parse()
-        .unwrap();
+        .unwrap()
+    };
+    let peer_aa = origin_id("bdr_00000000000000aa");
     let lane_row: &'static [u8] = update_t(&rel, 2, "peer").leak();
-    let mut by_peer = ordered(0x600, lane_row, None);
-    by_peer.origin = Some(origin_b);
-    let (code, message) =
-        call_transactions(&mut b, std::slice::from_ref(&by_peer)).expect_err("another peer");
-    assert_eq!(code, "P0002", "{message}");
-    by_peer.origin = Some(peer_aa);
-    assert_eq!(call_transactions(&mut b, &[by_peer]), Ok(()));
+    refused_then_applied(&mut b, ordered(0x600, lane_row, None), origin_b, peer_aa);
     assert_eq!(node.safe_psql("SELECT t FROM v WHERE id = 2"), "peer");
     assert_eq!(progress(&node, "peer_1"), "0/600");
 
     // The further origin is dropped and its id taken by another peer's:
     // the session that took it as aa's (above) takes it as bb's now.
-    let lane_id = |name: &str| {
-        node.safe_psql(&format!(
-            "SELECT roident FROM pg_replication_origin WHERE roname = '{name}'"
-        ))
-    };
-    let aa_lane = lane_id("bdr_00000000000000aa_1");
+    let aa_lane = origin_id("bdr_00000000000000aa_1");
     c.batch_execute(
         "SELECT pg_replication_origin_session_reset(); \
          SELECT pg_replication_origin_drop('bdr_00000000000000aa_1'); \
@@ -536,15 +544,10 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
          BEGIN; UPDATE v SET t = 'lane bb' WHERE id = 2; COMMIT",
     )
     .unwrap();
-    assert_eq!(lane_id("bdr_00000000000000bb_1"), aa_lane);
-    let peer_bb: u32 = lane_id("bdr_00000000000000bb").parse().unwrap();
-    let mut next = ordered(0x700, update_t(&rel, 2, "bb").leak(), None);
-    next.origin = Some(peer_aa);
-    let (code, message) =
-        call_transactions(&mut b, std::slice::from_ref(&next)).expect_err("bb row");
-    assert_eq!(code, "P0002", "{message}");
-    next.origin = Some(peer_bb);
-    assert_eq!(call_transactions(&mut b, &[next]), Ok(()));
+    assert_eq!(origin_id("bdr_00000000000000bb_1"), aa_lane);
+    let peer_bb = origin_id("bdr_00000000000000bb");
+    let bb_row: &'static [u8] = update_t(&rel, 2, "bb").leak();
+    refused_then_applied(&mut b, ordered(0x700, bb_row, None), peer_aa, peer_bb);
     assert_eq!(node.safe_psql("SELECT t FROM v WHERE id = 2"), "bb");
 }
 
