@@ -80,10 +80,10 @@
 //! that the same transaction goes to the same session however often it
 //! is sent. Each session commits its own transactions in the peer's
 //! order, so its origin's progress says which of them are committed;
-//! between the two, commits are not ordered. A transaction that touches a key (relation
-//! and replica identity values) of a transaction of the other session
-//! not known committed waits, before it applies anything, until that one
-//! has committed (`plugin/src/apply.rs`). Only the first session sends
+//! between the two, commits are not ordered. A transaction that touches
+//! a key (relation and replica identity values) of a transaction of the
+//! other session not known committed waits, before it applies anything,
+//! until that one has committed (`plugin/src/apply.rs`). Only the first session sends
 //! statements: a transaction sent as statements there first waits for
 //! the lane's last one, and the lane's next transaction waits for it; a
 //! transaction dealt to the lane that needs a statement is handed over
