@@ -396,10 +396,13 @@ pub unsafe extern "C-unwind" fn apply_transactions(
             );
         }
         let txn_cxt = new_context(pg_sys::CurrentMemoryContext, c"bdr apply transaction");
-        // Order locks left by a call that failed, and released when this
-        // one fails (the error unwinds through the guard).
+        // Order locks and relation locks left by a call that failed, and
+        // released when this one fails (the error unwinds through the
+        // guard).
         release_order_locks(usize::MAX);
-        let _release = OrderLocksGuard;
+        release_session_relations();
+        let _release = CallLocksGuard;
+        HOLD_RELATIONS.set(true);
         let session = u32::from(pg_sys::replorigin_session_origin);
         let mut locked = 0;
         for (i, t) in txns.iter().enumerate() {
@@ -453,14 +456,75 @@ thread_local! {
         const { RefCell::new(std::collections::VecDeque::new()) };
 }
 
-/// Releases the session's order locks when a call of
+/// Releases the session's order locks and relation locks when a call of
 /// `bdr.apply_transactions` ends, by an error too.
-struct OrderLocksGuard;
+struct CallLocksGuard;
 
-impl Drop for OrderLocksGuard {
+impl Drop for CallLocksGuard {
     fn drop(&mut self) {
+        HOLD_RELATIONS.set(false);
         // SAFETY: in the backend that took them.
-        unsafe { release_order_locks(usize::MAX) };
+        unsafe {
+            release_order_locks(usize::MAX);
+            release_session_relations();
+        }
+    }
+}
+
+thread_local! {
+    /// Whether the tables [`open_target`] opens stay locked for the
+    /// session until the call ends: in `bdr.apply_transactions`.
+    static HOLD_RELATIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The tables and indexes the session holds `RowExclusiveLock` on
+    /// across the call's commits.
+    static SESSION_RELATIONS: RefCell<Vec<pg_sys::LockRelId>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Keeps the table `rri` opened, and the indexes opened with it, locked
+/// for the session (`RowExclusiveLock`, what each transaction takes) until
+/// the call of `bdr.apply_transactions` ends. Each transaction still
+/// opens and locks them, but finds the lock held: no shared lock table
+/// work to take it, none to give it back at commit, as for the
+/// transactions of one batch one after the other; DDL on those tables
+/// waits for the call's end instead of the next commit.
+///
+/// # Safety
+/// Must run in a backend, in a transaction; `rri` initialised for an
+/// open table, its indexes opened.
+unsafe fn hold_for_session(rri: *mut pg_sys::ResultRelInfo) {
+    // SAFETY: per the contract; the arrays have the lengths the server
+    // gives them.
+    unsafe {
+        let table = (*(*rri).ri_RelationDesc).rd_lockInfo.lockRelId;
+        let held = SESSION_RELATIONS.with_borrow(|h| {
+            h.iter()
+                .any(|r| r.relId == table.relId && r.dbId == table.dbId)
+        });
+        if held {
+            return;
+        }
+        let n = usize::try_from((*rri).ri_NumIndices).unwrap_or(0);
+        let indexes = if n == 0 || (*rri).ri_IndexRelationDescs.is_null() {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts((*rri).ri_IndexRelationDescs, n)
+        };
+        let ids = std::iter::once(table).chain(indexes.iter().map(|&i| (*i).rd_lockInfo.lockRelId));
+        for mut id in ids {
+            pg_sys::LockRelationIdForSession(&mut id, pg_sys::RowExclusiveLock as i32);
+            SESSION_RELATIONS.with_borrow_mut(|h| h.push(id));
+        }
+    }
+}
+
+/// Gives back the relation locks [`hold_for_session`] took.
+///
+/// # Safety
+/// Must run in a backend.
+unsafe fn release_session_relations() {
+    for mut id in SESSION_RELATIONS.take() {
+        // SAFETY: per the contract; the session holds it.
+        unsafe { pg_sys::UnlockRelationIdForSession(&mut id, pg_sys::RowExclusiveLock as i32) };
     }
 }
 
@@ -970,6 +1034,9 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
         let rri = make_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
         pg_sys::InitResultRelInfo(rri, rel, rti as pg_sys::Index, std::ptr::null_mut(), 0);
         pg_sys::ExecOpenIndices(rri, false);
+        if HOLD_RELATIONS.get() {
+            hold_for_session(rri);
+        }
         // The index must be a unique one of this table whose key columns
         // all are replica identity columns: the changes carry those
         // values only. Without one, INSERTs only (see `find`).

@@ -581,3 +581,76 @@ fn a_transaction_waits_before_its_changes_holding_no_row() {
     assert_eq!(node.safe_psql("SELECT t FROM v WHERE id = 1"), "second");
     assert_eq!(progress(&node, "peer_1"), "0/200");
 }
+
+/// The tables `bdr.apply_transactions` writes stay locked for its session
+/// (`RowExclusiveLock`) from the transaction that first opens them to the
+/// end of the call, across its commits; the call gives them back when it
+/// ends, by an error too.
+#[test]
+fn a_call_holds_its_tables_until_it_ends() {
+    let node = node();
+    node.safe_psql(
+        "INSERT INTO v (id, t) VALUES (1, 'before'); INSERT INTO w (id, t) VALUES (2, 'before')",
+    );
+    let v = relation(&node);
+    let w = LocalRelation {
+        rel_id: 8,
+        table: node.safe_psql("SELECT 'w'::regclass::oid").parse().unwrap(),
+        index: node
+            .safe_psql("SELECT 'w_pkey'::regclass::oid")
+            .parse()
+            .unwrap(),
+        ..v.clone()
+    };
+    let Sessions { mut a, pid_a, .. } = sessions(&node);
+    // What the apply session holds on v and its key, and in what mode.
+    let held = format!(
+        "SELECT coalesce(string_agg(relation::regclass || ' ' || mode, ',' \
+                                    ORDER BY relation::regclass::text), '') \
+           FROM pg_locks WHERE pid = {pid_a} AND relation IN ('v'::regclass, 'v_pkey'::regclass)"
+    );
+    let on_v: &'static [u8] = update_t(&v, 1, "first").leak();
+    let on_w: &'static [u8] = update_t(&w, 2, "second").leak();
+    let txn = |end_lsn: u64, changes: &'static [u8]| Transaction {
+        ordered: false,
+        ..ordered(end_lsn, changes, None)
+    };
+
+    // The second transaction, on w alone, waits for a local one holding
+    // its row: v, written by the first (committed), is still locked.
+    let mut local = node.connect();
+    local
+        .batch_execute("BEGIN; UPDATE w SET t = 'local' WHERE id = 2")
+        .unwrap();
+    let applying = std::thread::spawn(move || {
+        let r = call_transactions(&mut a, &[txn(0x100, on_v), txn(0x200, on_w)]);
+        (a, r)
+    });
+    node.poll_query_until(&waits(pid_a, "Lock/transactionid"), "t");
+    assert_eq!(progress(&node, "peer_0"), "0/100");
+    assert_eq!(
+        node.safe_psql(&held),
+        "v RowExclusiveLock,v_pkey RowExclusiveLock"
+    );
+    // DDL on v waits for the call's end.
+    let ddl = node
+        .connect()
+        .batch_execute("SET lock_timeout = '50ms'; ALTER TABLE v ADD COLUMN x int")
+        .expect_err("v is locked");
+    assert_eq!(ddl.code().map(|c| c.code()), Some("55P03"), "{ddl}");
+    local.batch_execute("ROLLBACK").unwrap();
+    let (mut a, result) = applying.join().unwrap();
+    assert_eq!(result, Ok(()));
+    assert_eq!(progress(&node, "peer_0"), "0/200");
+    assert_eq!(node.safe_psql(&held), "");
+
+    // A call that fails in its second transaction (w's row is gone)
+    // commits the first and holds nothing after.
+    node.safe_psql("DELETE FROM w");
+    let (code, message) = call_transactions(&mut a, &[txn(0x300, on_v), txn(0x400, on_w)])
+        .expect_err("no row to update");
+    assert_eq!(code, "P0002", "{message}");
+    assert_eq!(progress(&node, "peer_0"), "0/300");
+    assert_eq!(node.safe_psql(&held), "");
+    node.safe_psql("ALTER TABLE v ADD COLUMN x int");
+}
