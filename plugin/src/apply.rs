@@ -402,7 +402,10 @@ pub unsafe extern "C-unwind" fn apply_transactions(
         release_order_locks(usize::MAX);
         release_session_relations();
         let _release = CallLocksGuard;
-        HOLD_RELATIONS.set(true);
+        // Not for parallel apply's ordered transactions: one may wait
+        // for a transaction of another session (`wait_for`) that waits
+        // for a table this one would hold.
+        HOLD_RELATIONS.set(!txns.iter().any(|t| t.ordered || t.after.is_some()));
         let session = u32::from(pg_sys::replorigin_session_origin);
         let mut locked = 0;
         for (i, t) in txns.iter().enumerate() {
@@ -473,7 +476,8 @@ impl Drop for CallLocksGuard {
 
 thread_local! {
     /// Whether the tables [`open_target`] opens stay locked for the
-    /// session until the call ends: in `bdr.apply_transactions`.
+    /// session until the call ends: in `bdr.apply_transactions`, when no
+    /// transaction of the call is ordered.
     static HOLD_RELATIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// The tables and indexes the session holds `RowExclusiveLock` on
     /// across the call's commits.

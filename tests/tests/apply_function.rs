@@ -653,4 +653,26 @@ fn a_call_holds_its_tables_until_it_ends() {
     assert_eq!(progress(&node, "peer_0"), "0/300");
     assert_eq!(node.safe_psql(&held), "");
     node.safe_psql("ALTER TABLE v ADD COLUMN x int");
+
+    // Parallel apply's ordered transactions (one may wait for another
+    // session's, which may wait for a table) keep nothing past their
+    // commit.
+    node.safe_psql("INSERT INTO w (id, t) VALUES (2, 'before')");
+    local
+        .batch_execute("BEGIN; UPDATE w SET t = 'local' WHERE id = 2")
+        .unwrap();
+    let applying = std::thread::spawn(move || {
+        let r = call_transactions(
+            &mut a,
+            &[ordered(0x500, on_v, None), ordered(0x600, on_w, None)],
+        );
+        (a, r)
+    });
+    node.poll_query_until(&waits(pid_a, "Lock/transactionid"), "t");
+    assert_eq!(progress(&node, "peer_0"), "0/500");
+    assert_eq!(node.safe_psql(&held), "");
+    local.batch_execute("ROLLBACK").unwrap();
+    let (_, result) = applying.join().unwrap();
+    assert_eq!(result, Ok(()));
+    assert_eq!(progress(&node, "peer_0"), "0/600");
 }
