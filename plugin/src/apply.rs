@@ -57,6 +57,7 @@ use pgrx::PgSqlErrorCode;
 use pgrx::pg_sys;
 
 use crate::pg::{new_context, raise, switch_to};
+use crate::raw;
 
 /// How one column's values become datums: the type's receive and input
 /// functions, looked up on first use and kept across calls.
@@ -425,16 +426,18 @@ pub unsafe extern "C-unwind" fn apply_transactions(
             if let Some(after) = &t.after {
                 wait_for(after);
             }
-            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            raw::guarded(|| raw::PushActiveSnapshot(raw::GetTransactionSnapshot()));
             apply(t.changes, t.origin);
-            pg_sys::PopActiveSnapshot();
-            switch_to(outer);
             record_commit("bdr.apply_transactions", t.end_lsn, t.commit_time);
-            pg_sys::SPI_commit();
+            raw::guarded(|| {
+                raw::PopActiveSnapshot();
+                switch_to(outer);
+                raw::SPI_commit();
+            });
             if t.ordered {
                 release_order_locks(1);
             }
-            pg_sys::MemoryContextReset(txn_cxt);
+            raw::guarded(|| raw::MemoryContextReset(txn_cxt));
         }
         pg_sys::SPI_finish();
     }
@@ -682,28 +685,32 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
     // range table entry and result relation per table, AFTER triggers
     // queued for the call.
     unsafe {
-        let estate = pg_sys::CreateExecutorState();
-        let query_cxt = (*estate).es_query_cxt;
-        let outer = switch_to(query_cxt);
-        let mut rtable: *mut pg_sys::List = std::ptr::null_mut();
-        for r in &relations {
-            let rte = make_node::<pg_sys::RangeTblEntry>(pg_sys::NodeTag::T_RangeTblEntry);
-            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
-            (*rte).relid = pg_sys::Oid::from(r.table);
-            (*rte).relkind = pg_sys::RELKIND_RELATION as c_char;
-            (*rte).rellockmode = pg_sys::AccessShareLock as i32;
-            rtable = pg_sys::lappend(rtable, rte.cast());
-        }
-        pg_sys::ExecInitRangeTable(estate, rtable);
         let mut epq: Box<pg_sys::EPQState> = Box::new(std::mem::zeroed());
-        pg_sys::EvalPlanQualInit(
-            &mut *epq,
-            estate,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            -1,
-        );
-        pg_sys::AfterTriggerBeginQuery();
+        let epq_state: *mut pg_sys::EPQState = &mut *epq;
+        let (estate, query_cxt, outer) = raw::guarded(|| {
+            let estate = raw::CreateExecutorState();
+            let query_cxt = (*estate).es_query_cxt;
+            let outer = switch_to(query_cxt);
+            let mut rtable: *mut pg_sys::List = std::ptr::null_mut();
+            for r in &relations {
+                let rte = raw::make_node::<pg_sys::RangeTblEntry>(pg_sys::NodeTag::T_RangeTblEntry);
+                (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+                (*rte).relid = pg_sys::Oid::from(r.table);
+                (*rte).relkind = pg_sys::RELKIND_RELATION as c_char;
+                (*rte).rellockmode = pg_sys::AccessShareLock as i32;
+                rtable = raw::lappend(rtable, rte.cast());
+            }
+            raw::ExecInitRangeTable(estate, rtable);
+            raw::EvalPlanQualInit(
+                epq_state,
+                estate,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                -1,
+            );
+            raw::AfterTriggerBeginQuery();
+            (estate, query_cxt, outer)
+        });
         let row_cxt = new_context(query_cxt, c"bdr apply change");
         let mut targets: Vec<Option<Target>> = relations.iter().map(|_| None).collect();
         let mut applied = 0i64;
@@ -758,70 +765,83 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                     if holds {
                         full = hold(target, estate, size);
                     } else {
-                        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-                        pg_sys::ExecSimpleRelationInsert(target.rri, estate, target.new);
+                        let (rri, new) = (target.rri, target.new);
+                        raw::guarded(|| {
+                            (*estate).es_output_cid = raw::GetCurrentCommandId(true);
+                            raw::ExecSimpleRelationInsert(rri, estate, new);
+                        });
                     }
                 }
                 Message::Update(m) => {
-                    (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
                     let key = m.old.as_ref().map_or(&m.new, |o| &o.tuple);
                     let lock = before_row_triggers(target.rri, false);
                     find(target, entry, key, origin, cache_cxt, lock, "UPDATE");
-                    pg_sys::slot_getallattrs(target.local);
-                    let new = target.new;
-                    pg_sys::ExecClearTuple(new);
-                    std::ptr::copy_nonoverlapping(
-                        (*target.local).tts_values,
-                        (*new).tts_values,
-                        target.natts,
-                    );
-                    std::ptr::copy_nonoverlapping(
-                        (*target.local).tts_isnull,
-                        (*new).tts_isnull,
-                        target.natts,
-                    );
-                    let mut updated: *mut pg_sys::Bitmapset = std::ptr::null_mut();
-                    for (c, v) in entry.desc.columns.iter().zip(&m.new) {
-                        if *v != Value::UnchangedToast {
-                            updated = pg_sys::bms_add_member(
-                                updated,
-                                i32::from(c.attnum) - pg_sys::FirstLowInvalidHeapAttributeNumber,
-                            );
+                    let (rri, rte, local, new) = (target.rri, target.rte, target.local, target.new);
+                    let natts = target.natts;
+                    let columns = &entry.desc.columns;
+                    let updated = raw::guarded(|| {
+                        raw::slot_getallattrs(local);
+                        raw::ExecClearTuple(new);
+                        std::ptr::copy_nonoverlapping(
+                            (*local).tts_values,
+                            (*new).tts_values,
+                            natts,
+                        );
+                        std::ptr::copy_nonoverlapping(
+                            (*local).tts_isnull,
+                            (*new).tts_isnull,
+                            natts,
+                        );
+                        let mut updated: *mut pg_sys::Bitmapset = std::ptr::null_mut();
+                        for (c, v) in columns.iter().zip(&m.new) {
+                            if !matches!(v, Value::UnchangedToast) {
+                                updated = raw::bms_add_member(
+                                    updated,
+                                    i32::from(c.attnum)
+                                        - pg_sys::FirstLowInvalidHeapAttributeNumber,
+                                );
+                            }
                         }
-                    }
+                        updated
+                    });
                     set_values(new, entry, &m.new, cache_cxt, true);
-                    pg_sys::ExecStoreVirtualTuple(new);
-                    // Per-column triggers and index hints see what is set.
-                    (*target.rte).updatedCols = updated;
-                    pg_sys::ExecSimpleRelationUpdate(
-                        target.rri,
-                        estate,
-                        &mut *epq,
-                        target.local,
-                        new,
-                    );
-                    (*target.rte).updatedCols = std::ptr::null_mut();
+                    raw::guarded(|| {
+                        (*estate).es_output_cid = raw::GetCurrentCommandId(true);
+                        raw::ExecStoreVirtualTuple(new);
+                        // Per-column triggers and index hints see what is set.
+                        (*rte).updatedCols = updated;
+                        raw::ExecSimpleRelationUpdate(rri, estate, epq_state, local, new);
+                        (*rte).updatedCols = std::ptr::null_mut();
+                    });
                 }
                 Message::Delete(m) => {
-                    (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
                     let lock = before_row_triggers(target.rri, true);
                     let old = &m.old.tuple;
                     find(target, entry, old, origin, cache_cxt, lock, "DELETE");
-                    pg_sys::ExecSimpleRelationDelete(target.rri, estate, &mut *epq, target.local);
+                    let (rri, local) = (target.rri, target.local);
+                    raw::guarded(|| {
+                        (*estate).es_output_cid = raw::GetCurrentCommandId(true);
+                        raw::ExecSimpleRelationDelete(rri, estate, epq_state, local);
+                    });
                 }
                 _ => unreachable!("checked above"),
             }
-            switch_to(query_cxt);
-            pg_sys::ExecClearTuple(target.new);
-            if !matches!(msg, Message::Insert(_)) {
-                pg_sys::ExecClearTuple(target.local);
-            }
-            pg_sys::MemoryContextReset(row_cxt);
-            if !holds {
-                reset_per_tuple(estate);
-                // The next change sees this one.
-                pg_sys::CommandCounterIncrement();
-            } else if full {
+            let insert = matches!(msg, Message::Insert(_));
+            let (new, local) = (target.new, target.local);
+            raw::guarded(|| {
+                switch_to(query_cxt);
+                raw::ExecClearTuple(new);
+                if !insert {
+                    raw::ExecClearTuple(local);
+                }
+                raw::MemoryContextReset(row_cxt);
+                if !holds {
+                    reset_per_tuple(estate);
+                    // The next change sees this one.
+                    raw::CommandCounterIncrement();
+                }
+            });
+            if holds && full {
                 flush(target, estate, row_cxt);
             }
             applied += 1;
@@ -830,15 +850,18 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
         for t in targets.iter_mut().flatten() {
             flush(t, estate, row_cxt);
         }
-        pg_sys::AfterTriggerEndQuery(estate);
-        for t in targets.into_iter().flatten() {
-            pg_sys::ExecCloseIndices(t.rri);
-            pg_sys::table_close(t.rel, pg_sys::NoLock as i32);
-        }
-        pg_sys::EvalPlanQualEnd(&mut *epq);
-        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
-        switch_to(outer);
-        pg_sys::FreeExecutorState(estate);
+        raw::guarded(|| {
+            raw::AfterTriggerEndQuery(estate);
+            for t in targets.iter().flatten() {
+                raw::ExecCloseIndices(t.rri);
+                raw::table_close(t.rel, pg_sys::NoLock as i32);
+            }
+            raw::EvalPlanQualEnd(epq_state);
+            raw::ExecResetTupleTable((*estate).es_tupleTable, false);
+            switch_to(outer);
+            raw::FreeExecutorState(estate);
+        });
+        drop(targets);
         DESCRIBED.set(described);
         applied
     }
@@ -847,12 +870,12 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
 /// Frees what the executor allocated for the last row.
 ///
 /// # Safety
-/// `estate` must be the call's executor state.
+/// `estate` must be the call's executor state; inside [`raw::guarded`].
 unsafe fn reset_per_tuple(estate: *mut pg_sys::EState) {
     // SAFETY: per the contract.
     unsafe {
         if let Some(econtext) = (*estate).es_per_tuple_exprcontext.as_mut() {
-            pg_sys::MemoryContextReset(econtext.ecxt_per_tuple_memory);
+            raw::MemoryContextReset(econtext.ecxt_per_tuple_memory);
         }
     }
 }
@@ -866,36 +889,52 @@ unsafe fn reset_per_tuple(estate: *mut pg_sys::EState) {
 /// # Safety
 /// As for [`apply`], with `target` open and holding rows.
 unsafe fn hold(target: &mut Target, estate: *mut pg_sys::EState, size: usize) -> bool {
-    // SAFETY: per the contract.
-    unsafe {
-        let rel = target.rel;
-        if !(*(*rel).rd_att).constr.is_null() {
-            pg_sys::ExecConstraints(target.rri, target.new, estate);
-        }
-        if (*(*rel).rd_rel).relispartition {
-            pg_sys::ExecPartitionCheck(target.rri, target.new, estate, true);
-        }
-        let held = target.held.as_mut().expect("a table that holds rows");
-        if held.rows == held.slots.len() {
-            // Slots live as long as the call's executor state.
-            let outer = switch_to((*estate).es_query_cxt);
-            if held.tupdesc.is_null() {
-                held.tupdesc = pg_sys::CreateTupleDescCopy((*rel).rd_att);
-            }
-            held.slots.push(pg_sys::ExecAllocTableSlot(
-                &mut (*estate).es_tupleTable,
-                held.tupdesc,
-                pg_sys::table_slot_callbacks(rel),
-            ));
-            switch_to(outer);
-        }
-        // A copy in the slot's own memory: the row's values are freed
-        // with the row.
-        pg_sys::ExecCopySlot(held.slots[held.rows], target.new);
-        held.rows += 1;
-        held.bytes += size;
-        held.rows >= HELD_ROWS || held.bytes >= HELD_BYTES
+    let (rel, rri, new) = (target.rel, target.rri, target.new);
+    let held = target.held.as_mut().expect("a table that holds rows");
+    // A slot to copy the row into: the next one held, or a new one.
+    let next = held.slots.get(held.rows).copied();
+    if next.is_none() {
+        held.slots.reserve(1);
     }
+    let tupdesc: *mut pg_sys::TupleDesc = &mut held.tupdesc;
+    // SAFETY: per the contract; nothing below panics or owns anything.
+    let slot = unsafe {
+        raw::guarded(|| {
+            if !(*(*rel).rd_att).constr.is_null() {
+                raw::ExecConstraints(rri, new, estate);
+            }
+            if (*(*rel).rd_rel).relispartition {
+                raw::ExecPartitionCheck(rri, new, estate, true);
+            }
+            let slot = match next {
+                Some(slot) => slot,
+                None => {
+                    // Slots live as long as the call's executor state.
+                    let outer = switch_to((*estate).es_query_cxt);
+                    if (*tupdesc).is_null() {
+                        *tupdesc = raw::CreateTupleDescCopy((*rel).rd_att);
+                    }
+                    let slot = raw::ExecAllocTableSlot(
+                        &mut (*estate).es_tupleTable,
+                        *tupdesc,
+                        raw::table_slot_callbacks(rel),
+                    );
+                    switch_to(outer);
+                    slot
+                }
+            };
+            // A copy in the slot's own memory: the row's values are freed
+            // with the row.
+            raw::ExecCopySlot(slot, new);
+            slot
+        })
+    };
+    if next.is_none() {
+        held.slots.push(slot);
+    }
+    held.rows += 1;
+    held.bytes += size;
+    held.rows >= HELD_ROWS || held.bytes >= HELD_BYTES
 }
 
 /// Writes the rows `target` holds in one `table_multi_insert` (a single
@@ -909,46 +948,52 @@ unsafe fn flush(target: &mut Target, estate: *mut pg_sys::EState, row_cxt: pg_sy
     let Some(held) = target.held.as_mut().filter(|h| h.rows > 0) else {
         return;
     };
-    // SAFETY: per the contract; the held slots are filled.
+    let (rel, rri, rows) = (target.rel, target.rri, held.rows);
+    // Never more rows than slots (`hold` adds a slot first).
+    let slots = &mut held.slots[..rows];
+    // SAFETY: per the contract; the held slots are filled; nothing below
+    // panics or owns anything.
     unsafe {
-        let cid = pg_sys::GetCurrentCommandId(true);
-        (*estate).es_output_cid = cid;
-        let outer = switch_to(row_cxt);
-        if held.rows == 1 {
-            // The common single-row transaction: a plain insert record.
-            pg_sys::table_tuple_insert(target.rel, held.slots[0], cid, 0, std::ptr::null_mut());
-        } else {
-            pg_sys::table_multi_insert(
-                target.rel,
-                held.slots.as_mut_ptr(),
-                held.rows as i32,
-                cid,
-                0,
-                std::ptr::null_mut(),
-            );
-        }
-        for &slot in &held.slots[..held.rows] {
-            if (*target.rri).ri_NumIndices > 0 {
-                let recheck = pg_sys::ExecInsertIndexTuples(
-                    target.rri,
-                    slot,
-                    estate,
-                    false,
-                    false,
-                    std::ptr::null_mut(),
+        raw::guarded(|| {
+            let cid = raw::GetCurrentCommandId(true);
+            (*estate).es_output_cid = cid;
+            let outer = switch_to(row_cxt);
+            if let [slot] = slots {
+                // The common single-row transaction: a plain insert record.
+                raw::table_tuple_insert(rel, *slot, cid, 0, std::ptr::null_mut());
+            } else {
+                raw::table_multi_insert(
+                    rel,
+                    slots.as_mut_ptr(),
+                    rows as i32,
+                    cid,
+                    0,
                     std::ptr::null_mut(),
                 );
-                pg_sys::list_free(recheck);
             }
-            reset_per_tuple(estate);
-            pg_sys::ExecClearTuple(slot);
-        }
-        switch_to(outer);
-        pg_sys::MemoryContextReset(row_cxt);
-        held.rows = 0;
-        held.bytes = 0;
-        pg_sys::CommandCounterIncrement();
+            for &mut slot in slots.iter_mut() {
+                if (*rri).ri_NumIndices > 0 {
+                    let recheck = raw::ExecInsertIndexTuples(
+                        rri,
+                        slot,
+                        estate,
+                        false,
+                        false,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    );
+                    raw::list_free(recheck);
+                }
+                reset_per_tuple(estate);
+                raw::ExecClearTuple(slot);
+            }
+            switch_to(outer);
+            raw::MemoryContextReset(row_cxt);
+            raw::CommandCounterIncrement();
+        });
     }
+    held.rows = 0;
+    held.bytes = 0;
 }
 
 /// Raises an error about the argument.
@@ -972,20 +1017,6 @@ unsafe fn cache_context() -> pg_sys::MemoryContext {
         }
         c.get()
     })
-}
-
-/// A zeroed node of type `T` in the current memory context (`makeNode`).
-///
-/// # Safety
-/// `T` must be the node struct of `tag`.
-unsafe fn make_node<T>(tag: pg_sys::NodeTag) -> *mut T {
-    // SAFETY: palloc0 returns zeroed memory of the size asked; every node
-    // starts with its tag.
-    unsafe {
-        let node = pg_sys::palloc0(std::mem::size_of::<T>()).cast::<T>();
-        *node.cast::<pg_sys::NodeTag>() = tag;
-        node
-    }
 }
 
 /// Opens the table of `desc` (range table index `rti`) for the call,
@@ -1035,9 +1066,12 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
                 key_attnums.push(c.attnum as i16);
             }
         }
-        let rri = make_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
-        pg_sys::InitResultRelInfo(rri, rel, rti as pg_sys::Index, std::ptr::null_mut(), 0);
-        pg_sys::ExecOpenIndices(rri, false);
+        let rri = raw::guarded(|| {
+            let rri = raw::make_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
+            raw::InitResultRelInfo(rri, rel, rti as pg_sys::Index, std::ptr::null_mut(), 0);
+            raw::ExecOpenIndices(rri, false);
+            rri
+        });
         if HOLD_RELATIONS.get() {
             hold_for_session(rri);
         }
@@ -1049,12 +1083,15 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
             finder(rri, index, &key_attnums)
                 .unwrap_or_else(|| stale(format!("index {index} does not find rows by the key")))
         });
-        (*estate).es_opened_result_relations =
-            pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
-        let rte = pg_sys::list_nth((*estate).es_range_table, rti as i32 - 1).cast();
-        let local = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-        let virtual_slot =
-            || pg_sys::ExecInitExtraTupleSlot(estate, tupdesc, &raw const pg_sys::TTSOpsVirtual);
+        let (rte, local, new) = raw::guarded(|| {
+            (*estate).es_opened_result_relations =
+                raw::lappend((*estate).es_opened_result_relations, rri.cast());
+            let rte = raw::list_nth((*estate).es_range_table, rti as i32 - 1).cast();
+            let local = raw::table_slot_create(rel, &mut (*estate).es_tupleTable);
+            let new =
+                raw::ExecInitExtraTupleSlot(estate, tupdesc, &raw const pg_sys::TTSOpsVirtual);
+            (rte, local, new)
+        });
         // INSERTs go in many rows at a time unless something must see
         // each row as it goes in: a row trigger that fires in this
         // session's replication role, or a stored generated column to
@@ -1073,7 +1110,7 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
             rte,
             local,
             finder,
-            new: virtual_slot(),
+            new,
             natts,
             held,
         }
@@ -1277,77 +1314,91 @@ unsafe fn find(
             }
         }
         let nkeys = finder.keys.len() as i32;
-        let mut snapshot: pg_sys::SnapshotData = std::mem::zeroed();
-        snapshot.snapshot_type = pg_sys::SnapshotType::SNAPSHOT_DIRTY;
-        // The scan writes what it saw being written into the snapshot:
-        // read it through the pointer the scan has.
-        let dirty: pg_sys::Snapshot = &raw mut snapshot;
-        let scan = pg_sys::index_beginscan(rel, finder.index, dirty, nkeys, 0);
-        let found = loop {
-            pg_sys::index_rescan(
-                scan,
-                finder.scan_keys.as_mut_ptr(),
-                nkeys,
-                std::ptr::null_mut(),
-                0,
-            );
-            // A unique index: one row at most is visible.
-            if !pg_sys::index_getnext_slot(
-                scan,
-                pg_sys::ScanDirection::ForwardScanDirection,
-                target.local,
-            ) {
-                break false;
-            }
-            pg_sys::ExecMaterializeSlot(target.local);
-            // A transaction that is inserting or deleting the row: wait
-            // for it to end and look again.
-            let writer = if (*dirty).xmin.into_inner() != 0 {
-                (*dirty).xmin
-            } else {
-                (*dirty).xmax
-            };
-            if writer.into_inner() != 0 {
-                pg_sys::XactLockTableWait(
-                    writer,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    pg_sys::XLTW_Oper::XLTW_None,
+        let (index, keys, local) = (finder.index, finder.scan_keys.as_mut_ptr(), target.local);
+        let want_xmin = origin.is_some();
+        // Whether a row was found, the result of a row lock that neither
+        // succeeded nor met a concurrent change, the row's xmin.
+        let (found, failed, xmin, null) = raw::guarded(|| {
+            let mut snapshot: pg_sys::SnapshotData = std::mem::zeroed();
+            snapshot.snapshot_type = pg_sys::SnapshotType::SNAPSHOT_DIRTY;
+            // The scan writes what it saw being written into the
+            // snapshot: read it through the pointer the scan has.
+            let dirty: pg_sys::Snapshot = &raw mut snapshot;
+            let scan = raw::index_beginscan(rel, index, dirty, nkeys, 0);
+            let mut failed = None;
+            let found = loop {
+                raw::index_rescan(scan, keys, nkeys, std::ptr::null_mut(), 0);
+                // A unique index: one row at most is visible.
+                if !raw::index_getnext_slot(
+                    scan,
+                    pg_sys::ScanDirection::ForwardScanDirection,
+                    local,
+                ) {
+                    break false;
+                }
+                raw::ExecMaterializeSlot(local);
+                // A transaction that is inserting or deleting the row:
+                // wait for it to end and look again.
+                let writer = if (*dirty).xmin.into_inner() != 0 {
+                    (*dirty).xmin
+                } else {
+                    (*dirty).xmax
+                };
+                if writer.into_inner() != 0 {
+                    raw::XactLockTableWait(
+                        writer,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        pg_sys::XLTW_Oper::XLTW_None,
+                    );
+                    continue;
+                }
+                if !lock {
+                    break true;
+                }
+                let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
+                raw::PushActiveSnapshot(raw::GetLatestSnapshot());
+                let locked = raw::table_tuple_lock(
+                    rel,
+                    &raw mut (*local).tts_tid,
+                    raw::GetLatestSnapshot(),
+                    local,
+                    raw::GetCurrentCommandId(false),
+                    pg_sys::LockTupleMode::LockTupleExclusive,
+                    pg_sys::LockWaitPolicy::LockWaitBlock,
+                    0,
+                    &mut failure,
                 );
-                continue;
+                raw::PopActiveSnapshot();
+                match locked {
+                    pg_sys::TM_Result::TM_Ok => break true,
+                    // Changed or deleted since it was found: look again.
+                    pg_sys::TM_Result::TM_Updated | pg_sys::TM_Result::TM_Deleted => continue,
+                    other => {
+                        failed = Some(other);
+                        break false;
+                    }
+                }
+            };
+            raw::index_endscan(scan);
+            let mut null = true;
+            let mut xmin = pg_sys::Datum::from(0usize);
+            if found && want_xmin {
+                xmin =
+                    raw::slot_getsysattr(local, pg_sys::MinTransactionIdAttributeNumber, &mut null);
             }
-            if !lock {
-                break true;
-            }
-            let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
-            pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
-            let locked = pg_sys::table_tuple_lock(
-                rel,
-                &raw mut (*target.local).tts_tid,
-                pg_sys::GetLatestSnapshot(),
-                target.local,
-                pg_sys::GetCurrentCommandId(false),
-                pg_sys::LockTupleMode::LockTupleExclusive,
-                pg_sys::LockWaitPolicy::LockWaitBlock,
-                0,
-                &mut failure,
-            );
-            pg_sys::PopActiveSnapshot();
-            match locked {
-                pg_sys::TM_Result::TM_Ok => break true,
-                // Changed or deleted since it was found: look again.
-                pg_sys::TM_Result::TM_Updated | pg_sys::TM_Result::TM_Deleted => continue,
-                other => raise(
-                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                    format!(
-                        "bdr.apply_changes: {what}: locking the row of table {} failed (table_tuple_lock result {other})",
-                        (*rel).rd_id
-                    ),
-                    None,
+            (found, failed, xmin, null)
+        });
+        if let Some(other) = failed {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!(
+                    "bdr.apply_changes: {what}: locking the row of table {} failed (table_tuple_lock result {other})",
+                    (*rel).rd_id
                 ),
-            }
-        };
-        pg_sys::index_endscan(scan);
+                None,
+            );
+        }
         if !found {
             raise(
                 NO_ROW,
@@ -1361,12 +1412,6 @@ unsafe fn find(
         let Some(origin) = origin else {
             return;
         };
-        let mut null = false;
-        let xmin = pg_sys::slot_getsysattr(
-            target.local,
-            pg_sys::MinTransactionIdAttributeNumber,
-            &mut null,
-        );
         let xid = pg_sys::TransactionId::from_inner(xmin.value() as u32);
         if null {
             return;

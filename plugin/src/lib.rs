@@ -20,6 +20,7 @@ mod inspect;
 mod node;
 mod output;
 mod pg;
+mod raw;
 mod relation;
 mod startup;
 mod stream;
