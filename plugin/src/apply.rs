@@ -47,7 +47,6 @@
 //! does.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::{CStr, c_char};
 
 use bdr_protocol::apply::{LocalRelation, read_changes, read_transactions};
@@ -55,6 +54,7 @@ use bdr_protocol::by_value::{self, ByValueError};
 use bdr_protocol::{Datum as Value, INT2_OID, INT4_OID, INT8_OID, Message, RelId};
 use pgrx::PgSqlErrorCode;
 use pgrx::pg_sys;
+use rustc_hash::FxHashMap;
 
 use crate::pg::{new_context, raise, switch_to};
 use crate::raw;
@@ -76,7 +76,7 @@ thread_local! {
     /// The relations described so far, by stream relation id. Taken out
     /// for a call and put back after it: a call that fails starts the
     /// next one from scratch.
-    static DESCRIBED: RefCell<HashMap<RelId, Described>> = RefCell::new(HashMap::new());
+    static DESCRIBED: RefCell<FxHashMap<RelId, Described>> = RefCell::new(FxHashMap::default());
     /// Where the functions' lookups (and their caches) live.
     static CACHE_CXT: std::cell::Cell<pg_sys::MemoryContext> =
         const { std::cell::Cell::new(std::ptr::null_mut()) };
@@ -660,7 +660,8 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
         // SAFETY: nothing refers to the context's memory any more.
         unsafe { pg_sys::MemoryContextReset(cache_cxt) };
     }
-    let mut slot_of: HashMap<RelId, usize> = HashMap::with_capacity(relations.len());
+    let mut slot_of: FxHashMap<RelId, usize> =
+        FxHashMap::with_capacity_and_hasher(relations.len(), Default::default());
     for (i, r) in relations.iter().enumerate() {
         slot_of.insert(r.rel_id, i);
         if described.get(&r.rel_id).is_none_or(|d| d.desc != *r) {
@@ -1216,18 +1217,9 @@ unsafe fn finder(
             // the column's operator family for the opclass's input type.
             let family = *(*idx).rd_opfamily.add(i);
             let input = *(*idx).rd_opcintype.add(i);
-            let op = pg_sys::get_opfamily_member(
-                family,
-                input,
-                input,
-                pg_sys::BTEqualStrategyNumber as i16,
-            );
-            if op == pg_sys::InvalidOid {
-                return None;
-            }
             keys.push(KeyColumn {
                 attnum,
-                equal: pg_sys::get_opcode(op),
+                equal: equality_function(family, input)?,
                 collation: *(*idx).rd_indcollation.add(i),
             });
         }
@@ -1237,6 +1229,84 @@ unsafe fn finder(
             scan_keys: vec![std::mem::zeroed(); nkeys],
         })
     }
+}
+
+/// The function of the btree equality operator of operator family
+/// `family` for type `input`, `None` if it has none; answers kept per
+/// backend, forgotten when `pg_amop` or `pg_operator` changes.
+///
+/// # Safety
+/// Must run in a backend, in a transaction.
+unsafe fn equality_function(
+    family: pg_sys::Oid,
+    input: pg_sys::Oid,
+) -> Option<pg_sys::RegProcedure> {
+    if let Some(equal) = EQUALITY.with_borrow(|e| {
+        e.iter()
+            .find(|(f, t, _)| *f == family && *t == input)
+            .map(|e| e.2)
+    }) {
+        return Some(equal);
+    }
+    // An answer looked up while the catalog changed is not kept.
+    let generation = EQUALITY_GENERATION.get();
+    // SAFETY: per the contract.
+    let equal = unsafe {
+        let op =
+            pg_sys::get_opfamily_member(family, input, input, pg_sys::BTEqualStrategyNumber as i16);
+        if op == pg_sys::InvalidOid {
+            return None;
+        }
+        pg_sys::get_opcode(op)
+    };
+    if EQUALITY_FORGETTING.get() && EQUALITY_GENERATION.get() != generation {
+        return Some(equal);
+    }
+    if !EQUALITY_FORGETTING.get() {
+        // SAFETY: in a backend; registered once.
+        unsafe {
+            for cache in [
+                pg_sys::SysCacheIdentifier::AMOPSTRATEGY,
+                pg_sys::SysCacheIdentifier::OPEROID,
+            ] {
+                pg_sys::CacheRegisterSyscacheCallback(
+                    cache as i32,
+                    Some(forget_equality_functions),
+                    pg_sys::Datum::from(0usize),
+                );
+            }
+        }
+        EQUALITY_FORGETTING.set(true);
+    }
+    EQUALITY.with_borrow_mut(|e| {
+        // Key types in use are few.
+        if e.len() >= 64 {
+            e.clear();
+        }
+        e.push((family, input, equal));
+    });
+    Some(equal)
+}
+
+thread_local! {
+    /// [`equality_function`]'s answers: (family, input type, function).
+    static EQUALITY: RefCell<Vec<(pg_sys::Oid, pg_sys::Oid, pg_sys::RegProcedure)>> =
+        const { RefCell::new(Vec::new()) };
+    /// Whether [`forget_equality_functions`] is registered.
+    static EQUALITY_FORGETTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// How many times it ran.
+    static EQUALITY_GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A change to `pg_amop` or `pg_operator`: the kept answers may be stale.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn forget_equality_functions(
+    _arg: pg_sys::Datum,
+    _cache: std::ffi::c_int,
+    _hash: u32,
+) {
+    EQUALITY.with_borrow_mut(Vec::clear);
+    EQUALITY_GENERATION.set(EQUALITY_GENERATION.get() + 1);
 }
 
 /// Finds the local row whose key columns hold the key values of `tuple`,

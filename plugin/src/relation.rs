@@ -22,7 +22,7 @@
 //! Dropped (`attisdropped`) and generated (`attgenerated`) columns are
 //! neither described nor sent.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use bdr_protocol::{
@@ -66,7 +66,7 @@ pub struct RelEntry {
 /// The tables of one stream, by OID.
 #[derive(Debug)]
 pub struct RelCache {
-    entries: HashMap<pg_sys::Oid, RelEntry>,
+    entries: FxHashMap<pg_sys::Oid, RelEntry>,
     next_id: RelId,
     parent_cxt: pg_sys::MemoryContext,
     utf8_db: bool,
@@ -82,7 +82,7 @@ impl RelCache {
     /// An empty cache whose entries allocate under `parent_cxt`.
     pub fn new(parent_cxt: pg_sys::MemoryContext, utf8_db: bool, binary: bool) -> Self {
         RelCache {
-            entries: HashMap::new(),
+            entries: FxHashMap::default(),
             next_id: 1,
             parent_cxt,
             utf8_db,
