@@ -1241,61 +1241,34 @@ unsafe fn equality_function(
     family: pg_sys::Oid,
     input: pg_sys::Oid,
 ) -> Option<pg_sys::RegProcedure> {
-    if let Some(equal) = EQUALITY.with_borrow(|e| {
-        e.iter()
-            .find(|(f, t, _)| *f == family && *t == input)
-            .map(|e| e.2)
-    }) {
-        return Some(equal);
-    }
-    // An answer looked up while the catalog changed is not kept.
-    let generation = EQUALITY_GENERATION.get();
-    // SAFETY: per the contract.
-    let equal = unsafe {
-        let op =
-            pg_sys::get_opfamily_member(family, input, input, pg_sys::BTEqualStrategyNumber as i16);
-        if op == pg_sys::InvalidOid {
-            return None;
-        }
-        pg_sys::get_opcode(op)
-    };
-    if EQUALITY_FORGETTING.get() && EQUALITY_GENERATION.get() != generation {
-        return Some(equal);
-    }
-    if !EQUALITY_FORGETTING.get() {
-        // SAFETY: in a backend; registered once.
+    EQUALITY.with(|memo| {
+        // SAFETY: per the contract.
         unsafe {
-            for cache in [
-                pg_sys::SysCacheIdentifier::AMOPSTRATEGY,
-                pg_sys::SysCacheIdentifier::OPEROID,
-            ] {
-                pg_sys::CacheRegisterSyscacheCallback(
-                    cache as i32,
-                    Some(forget_equality_functions),
-                    pg_sys::Datum::from(0usize),
-                );
-            }
+            memo.get_or_look_up(
+                (family, input),
+                &[
+                    pg_sys::SysCacheIdentifier::AMOPSTRATEGY,
+                    pg_sys::SysCacheIdentifier::OPEROID,
+                ],
+                Some(forget_equality_functions),
+                || {
+                    let op = pg_sys::get_opfamily_member(
+                        family,
+                        input,
+                        input,
+                        pg_sys::BTEqualStrategyNumber as i16,
+                    );
+                    (op != pg_sys::InvalidOid).then(|| pg_sys::get_opcode(op))
+                },
+            )
         }
-        EQUALITY_FORGETTING.set(true);
-    }
-    EQUALITY.with_borrow_mut(|e| {
-        // Key types in use are few.
-        if e.len() >= 64 {
-            e.clear();
-        }
-        e.push((family, input, equal));
-    });
-    Some(equal)
+    })
 }
 
 thread_local! {
-    /// [`equality_function`]'s answers: (family, input type, function).
-    static EQUALITY: RefCell<Vec<(pg_sys::Oid, pg_sys::Oid, pg_sys::RegProcedure)>> =
-        const { RefCell::new(Vec::new()) };
-    /// Whether [`forget_equality_functions`] is registered.
-    static EQUALITY_FORGETTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// How many times it ran.
-    static EQUALITY_GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// [`equality_function`]'s answers, by (family, input type).
+    static EQUALITY: crate::pg::CatalogMemo<(pg_sys::Oid, pg_sys::Oid), Option<pg_sys::RegProcedure>> =
+        const { crate::pg::CatalogMemo::new() };
 }
 
 /// A change to `pg_amop` or `pg_operator`: the kept answers may be stale.
@@ -1305,8 +1278,7 @@ unsafe extern "C-unwind" fn forget_equality_functions(
     _cache: std::ffi::c_int,
     _hash: u32,
 ) {
-    EQUALITY.with_borrow_mut(Vec::clear);
-    EQUALITY_GENERATION.set(EQUALITY_GENERATION.get() + 1);
+    EQUALITY.with(crate::pg::CatalogMemo::forget);
 }
 
 /// Finds the local row whose key columns hold the key values of `tuple`,

@@ -103,50 +103,26 @@ pub(crate) unsafe fn peer_origin(origin: pg_sys::RepOriginId) -> pg_sys::RepOrig
     if origin == 0 {
         return origin;
     }
-    if let Some(peer) = PEERS.with_borrow(|p| p.iter().find(|(o, _)| *o == origin).map(|e| e.1)) {
-        return peer;
-    }
-    // An answer looked up while the catalog changed is not kept.
-    let generation = GENERATION.get();
-    // SAFETY: per the contract.
-    let peer = unsafe { look_up_peer_origin(origin) };
-    if FORGETTING.get() && GENERATION.get() != generation {
-        return peer;
-    }
-    PEERS.with_borrow_mut(|p| {
-        if !FORGETTING.get() {
-            // SAFETY: in a backend; registered once.
-            unsafe {
-                for cache in [
+    PEERS.with(|memo| {
+        // SAFETY: per the contract.
+        unsafe {
+            memo.get_or_look_up(
+                origin,
+                &[
                     pg_sys::SysCacheIdentifier::REPLORIGIDENT,
                     pg_sys::SysCacheIdentifier::REPLORIGNAME,
-                ] {
-                    pg_sys::CacheRegisterSyscacheCallback(
-                        cache as i32,
-                        Some(forget_peer_origins),
-                        pg_sys::Datum::from(0usize),
-                    );
-                }
-            }
-            FORGETTING.set(true);
+                ],
+                Some(forget_peer_origins),
+                || look_up_peer_origin(origin),
+            )
         }
-        // Origins are few (bounded by max_replication_slots).
-        if p.len() >= 64 {
-            p.clear();
-        }
-        p.push((origin, peer));
-    });
-    peer
+    })
 }
 
 thread_local! {
     /// [`peer_origin`]'s answers: (origin, peer's origin).
-    static PEERS: std::cell::RefCell<Vec<(pg_sys::RepOriginId, pg_sys::RepOriginId)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-    /// Whether [`forget_peer_origins`] is registered.
-    static FORGETTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// How many times it ran.
-    static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static PEERS: pg::CatalogMemo<pg_sys::RepOriginId, pg_sys::RepOriginId> =
+        const { pg::CatalogMemo::new() };
 }
 
 /// A change to `pg_replication_origin` (an origin created or dropped,
@@ -157,8 +133,7 @@ unsafe extern "C-unwind" fn forget_peer_origins(
     _cache: std::ffi::c_int,
     _hash: u32,
 ) {
-    PEERS.with_borrow_mut(Vec::clear);
-    GENERATION.set(GENERATION.get() + 1);
+    PEERS.with(pg::CatalogMemo::forget);
 }
 
 /// [`peer_origin`] from the catalog.

@@ -151,3 +151,84 @@ pub unsafe fn is_external_ondisk(ptr: *const u8) -> bool {
     // the first says external (little-endian 1-byte external header).
     unsafe { *ptr == 0x01 && u32::from(*ptr.add(1)) == pg_sys::vartag_external::VARTAG_ONDISK }
 }
+
+/// Answers of catalog look-ups kept per backend (in a `thread_local!`)
+/// until a change to the catalogs they came from: the owner registers a
+/// catalog cache callback that calls [`CatalogMemo::forget`]. An answer
+/// looked up while the catalogs changed is not kept.
+pub struct CatalogMemo<K, V> {
+    entries: std::cell::RefCell<Vec<(K, V)>>,
+    /// Whether the owner's callback is registered.
+    watching: std::cell::Cell<bool>,
+    /// How many times [`CatalogMemo::forget`] ran.
+    generation: std::cell::Cell<u64>,
+}
+
+/// At most this many answers are kept: what they answer about (origins,
+/// key types) is few.
+const MEMO_ENTRIES: usize = 64;
+
+impl<K: Copy + PartialEq, V: Copy> CatalogMemo<K, V> {
+    pub const fn new() -> Self {
+        CatalogMemo {
+            entries: std::cell::RefCell::new(Vec::new()),
+            watching: std::cell::Cell::new(false),
+            generation: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The answer kept for `key`, else `look_up`'s, kept unless the
+    /// catalogs changed meanwhile. On first use, registers `forget` (which
+    /// must call [`CatalogMemo::forget`] on this memo) for each of
+    /// `caches`.
+    ///
+    /// # Safety
+    /// Must run in a backend, in a transaction (for `look_up`).
+    pub unsafe fn get_or_look_up(
+        &self,
+        key: K,
+        caches: &[pg_sys::SysCacheIdentifier::Type],
+        forget: pg_sys::SyscacheCallbackFunction,
+        look_up: impl FnOnce() -> V,
+    ) -> V {
+        if let Some(value) = self
+            .entries
+            .borrow()
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|e| e.1)
+        {
+            return value;
+        }
+        let generation = self.generation.get();
+        let value = look_up();
+        if self.watching.get() && self.generation.get() != generation {
+            return value;
+        }
+        if !self.watching.get() {
+            for &cache in caches {
+                // SAFETY: in a backend, per the contract; registered once.
+                unsafe {
+                    pg_sys::CacheRegisterSyscacheCallback(
+                        cache as i32,
+                        forget,
+                        pg_sys::Datum::from(0usize),
+                    );
+                }
+            }
+            self.watching.set(true);
+        }
+        let mut entries = self.entries.borrow_mut();
+        if entries.len() >= MEMO_ENTRIES {
+            entries.clear();
+        }
+        entries.push((key, value));
+        value
+    }
+
+    /// Drops every kept answer (the catalogs changed).
+    pub fn forget(&self) {
+        self.entries.borrow_mut().clear();
+        self.generation.set(self.generation.get() + 1);
+    }
+}
