@@ -5,7 +5,8 @@
 //! rows at a time is all or nothing, an UPDATE waits for a local
 //! transaction writing its row, and `bdr.apply_transactions` commits a
 //! transaction only after the one it is told to wait for, applied on
-//! another session.
+//! another session, and holds the tables it writes locked until the call
+//! ends (unless its transactions are ordered).
 
 use bdr_protocol::apply::{
     After, LocalColumn, LocalRelation, Transaction, start_transactions, write_changes_head,
