@@ -403,10 +403,7 @@ pub unsafe extern "C-unwind" fn apply_transactions(
         release_order_locks(usize::MAX);
         release_session_relations();
         let _release = CallLocksGuard;
-        // Not for parallel apply's ordered transactions: one may wait
-        // for a transaction of another session (`wait_for`) that waits
-        // for a table this one would hold.
-        HOLD_RELATIONS.set(!txns.iter().any(|t| t.ordered || t.after.is_some()));
+        HOLD_RELATIONS.set(true);
         let session = u32::from(pg_sys::replorigin_session_origin);
         let mut locked = 0;
         for (i, t) in txns.iter().enumerate() {
@@ -479,8 +476,8 @@ impl Drop for CallLocksGuard {
 
 thread_local! {
     /// Whether the tables [`open_target`] opens stay locked for the
-    /// session until the call ends: in `bdr.apply_transactions`, when no
-    /// transaction of the call is ordered.
+    /// session until the call ends (or [`wait_for`] sleeps): in
+    /// `bdr.apply_transactions`.
     static HOLD_RELATIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// The tables and indexes the session holds `RowExclusiveLock` on
     /// across the call's commits.
@@ -583,6 +580,8 @@ fn order_lock(origin: u32, end_lsn: u64) -> pg_sys::LOCKTAG {
 /// [`order_lock`], which is waited for as any lock is (so that
 /// PostgreSQL's deadlock detector would see a cycle with a row lock);
 /// before it has begun, the origin is looked at again every millisecond.
+/// Before it sleeps, the session gives back the tables it holds
+/// ([`hold_for_session`]).
 /// A transaction that never commits (it failed, its session is gone) is
 /// waited for until the call is cancelled.
 ///
@@ -615,6 +614,11 @@ unsafe fn wait_for(after: &bdr_protocol::apply::After) {
                 std::hint::spin_loop();
             }
         }
+        // That transaction may need one of the tables this session holds
+        // (a TRUNCATE sent as a statement), and while it has not begun
+        // this wait is not one the deadlock detector sees: give them
+        // back first (`hold_for_session`).
+        release_session_relations();
         loop {
             pgrx::check_for_interrupts!();
             if pg_sys::replorigin_get_progress(origin, false) >= after.end_lsn {

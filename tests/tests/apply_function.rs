@@ -6,7 +6,7 @@
 //! transaction writing its row, and `bdr.apply_transactions` commits a
 //! transaction only after the one it is told to wait for, applied on
 //! another session, and holds the tables it writes locked until the call
-//! ends (unless its transactions are ordered).
+//! ends, or one of its transactions waits for another session's.
 
 use bdr_protocol::apply::{
     After, LocalColumn, LocalRelation, Transaction, start_transactions, write_changes_head,
@@ -586,7 +586,8 @@ fn a_transaction_waits_before_its_changes_holding_no_row() {
 /// The tables `bdr.apply_transactions` writes stay locked for its session
 /// (`RowExclusiveLock`) from the transaction that first opens them to the
 /// end of the call, across its commits; the call gives them back when it
-/// ends, by an error too.
+/// ends, by an error too, and before it sleeps waiting for a transaction
+/// of another session.
 #[test]
 fn a_call_holds_its_tables_until_it_ends() {
     let node = node();
@@ -603,7 +604,13 @@ fn a_call_holds_its_tables_until_it_ends() {
             .unwrap(),
         ..v.clone()
     };
-    let Sessions { mut a, pid_a, .. } = sessions(&node);
+    let Sessions {
+        mut a,
+        mut b,
+        origin_b,
+        pid_a,
+        ..
+    } = sessions(&node);
     // What the apply session holds on v and its key, and in what mode.
     let held = format!(
         "SELECT coalesce(string_agg(relation::regclass || ' ' || mode, ',' \
@@ -655,9 +662,7 @@ fn a_call_holds_its_tables_until_it_ends() {
     assert_eq!(node.safe_psql(&held), "");
     node.safe_psql("ALTER TABLE v ADD COLUMN x int");
 
-    // Parallel apply's ordered transactions (one may wait for another
-    // session's, which may wait for a table) keep nothing past their
-    // commit.
+    // Ordered transactions (parallel apply's) hold them too...
     node.safe_psql("INSERT INTO w (id, t) VALUES (2, 'before')");
     local
         .batch_execute("BEGIN; UPDATE w SET t = 'local' WHERE id = 2")
@@ -671,9 +676,39 @@ fn a_call_holds_its_tables_until_it_ends() {
     });
     node.poll_query_until(&waits(pid_a, "Lock/transactionid"), "t");
     assert_eq!(progress(&node, "peer_0"), "0/500");
-    assert_eq!(node.safe_psql(&held), "");
+    assert_eq!(
+        node.safe_psql(&held),
+        "v RowExclusiveLock,v_pkey RowExclusiveLock"
+    );
     local.batch_execute("ROLLBACK").unwrap();
-    let (_, result) = applying.join().unwrap();
+    let (mut a, result) = applying.join().unwrap();
     assert_eq!(result, Ok(()));
     assert_eq!(progress(&node, "peer_0"), "0/600");
+
+    // ...but give them back before sleeping until a transaction of
+    // another session commits, which may need them: here it locks v
+    // exclusively (as a TRUNCATE sent as a statement would) and commits
+    // through the other origin.
+    let applying = std::thread::spawn(move || {
+        let r = call_transactions(
+            &mut a,
+            &[
+                ordered(0x700, on_v, None),
+                ordered(0x800, on_w, Some((origin_b, 0x900))),
+            ],
+        );
+        (a, r)
+    });
+    node.poll_query_until(&waits(pid_a, "Extension/Extension"), "t");
+    assert_eq!(progress(&node, "peer_0"), "0/700");
+    assert_eq!(node.safe_psql(&held), "");
+    b.batch_execute(
+        "BEGIN; LOCK TABLE v IN ACCESS EXCLUSIVE MODE; UPDATE w SET t = 'b' WHERE id = 2; \
+         SELECT pg_replication_origin_xact_setup('0/900', now()); COMMIT",
+    )
+    .unwrap();
+    let (_, result) = applying.join().unwrap();
+    assert_eq!(result, Ok(()));
+    assert_eq!(progress(&node, "peer_0"), "0/800");
+    assert_eq!(progress(&node, "peer_1"), "0/900");
 }
