@@ -605,7 +605,7 @@ fn a_call_holds_its_tables_until_it_ends() {
         ..v.clone()
     };
     let Sessions {
-        mut a,
+        a,
         mut b,
         origin_b,
         pid_a,
@@ -624,30 +624,41 @@ fn a_call_holds_its_tables_until_it_ends() {
         ..ordered(end_lsn, changes, None)
     };
 
-    // The second transaction, on w alone, waits for a local one holding
-    // its row: v, written by the first (committed), is still locked.
+    // The second transaction of `txns`, on w alone, waits for a local one
+    // holding its row: the first, on v, has committed (its origin at
+    // `first`) and v is still locked; `meanwhile` runs before the local
+    // transaction lets go.
     let mut local = node.connect();
-    local
-        .batch_execute("BEGIN; UPDATE w SET t = 'local' WHERE id = 2")
-        .unwrap();
-    let applying = std::thread::spawn(move || {
-        let r = call_transactions(&mut a, &[txn(0x100, on_v), txn(0x200, on_w)]);
-        (a, r)
-    });
-    node.poll_query_until(&waits(pid_a, "Lock/transactionid"), "t");
-    assert_eq!(progress(&node, "peer_0"), "0/100");
-    assert_eq!(
-        node.safe_psql(&held),
-        "v RowExclusiveLock,v_pkey RowExclusiveLock"
-    );
-    // DDL on v waits for the call's end.
-    let ddl = node
-        .connect()
-        .batch_execute("SET lock_timeout = '50ms'; ALTER TABLE v ADD COLUMN x int")
-        .expect_err("v is locked");
-    assert_eq!(ddl.code().map(|c| c.code()), Some("55P03"), "{ddl}");
-    local.batch_execute("ROLLBACK").unwrap();
-    let (mut a, result) = applying.join().unwrap();
+    let mut while_w_is_held = |mut a: postgres::Client,
+                               txns: [Transaction<'static>; 2],
+                               first: &str,
+                               meanwhile: &dyn Fn()| {
+        local
+            .batch_execute("BEGIN; UPDATE w SET t = 'local' WHERE id = 2")
+            .unwrap();
+        let applying = std::thread::spawn(move || {
+            let r = call_transactions(&mut a, &txns);
+            (a, r)
+        });
+        node.poll_query_until(&waits(pid_a, "Lock/transactionid"), "t");
+        assert_eq!(progress(&node, "peer_0"), first);
+        assert_eq!(
+            node.safe_psql(&held),
+            "v RowExclusiveLock,v_pkey RowExclusiveLock"
+        );
+        meanwhile();
+        local.batch_execute("ROLLBACK").unwrap();
+        applying.join().unwrap()
+    };
+    let (mut a, result) =
+        while_w_is_held(a, [txn(0x100, on_v), txn(0x200, on_w)], "0/100", &|| {
+            // DDL on v waits for the call's end.
+            let ddl = node
+                .connect()
+                .batch_execute("SET lock_timeout = '50ms'; ALTER TABLE v ADD COLUMN x int")
+                .expect_err("v is locked");
+            assert_eq!(ddl.code().map(|c| c.code()), Some("55P03"), "{ddl}");
+        });
     assert_eq!(result, Ok(()));
     assert_eq!(progress(&node, "peer_0"), "0/200");
     assert_eq!(node.safe_psql(&held), "");
@@ -664,24 +675,12 @@ fn a_call_holds_its_tables_until_it_ends() {
 
     // Ordered transactions (parallel apply's) hold them too...
     node.safe_psql("INSERT INTO w (id, t) VALUES (2, 'before')");
-    local
-        .batch_execute("BEGIN; UPDATE w SET t = 'local' WHERE id = 2")
-        .unwrap();
-    let applying = std::thread::spawn(move || {
-        let r = call_transactions(
-            &mut a,
-            &[ordered(0x500, on_v, None), ordered(0x600, on_w, None)],
-        );
-        (a, r)
-    });
-    node.poll_query_until(&waits(pid_a, "Lock/transactionid"), "t");
-    assert_eq!(progress(&node, "peer_0"), "0/500");
-    assert_eq!(
-        node.safe_psql(&held),
-        "v RowExclusiveLock,v_pkey RowExclusiveLock"
+    let (mut a, result) = while_w_is_held(
+        a,
+        [ordered(0x500, on_v, None), ordered(0x600, on_w, None)],
+        "0/500",
+        &|| {},
     );
-    local.batch_execute("ROLLBACK").unwrap();
-    let (mut a, result) = applying.join().unwrap();
     assert_eq!(result, Ok(()));
     assert_eq!(progress(&node, "peer_0"), "0/600");
 
