@@ -486,11 +486,11 @@ thread_local! {
 
 /// Keeps the table `rri` opened, and the indexes opened with it, locked
 /// for the session (`RowExclusiveLock`, what each transaction takes) until
-/// the call of `bdr.apply_transactions` ends. Each transaction still
-/// opens and locks them, but finds the lock held: no shared lock table
-/// work to take it, none to give it back at commit, as for the
-/// transactions of one batch one after the other; DDL on those tables
-/// waits for the call's end instead of the next commit.
+/// the call of `bdr.apply_transactions` ends or [`wait_for`] sleeps. Each
+/// later transaction of the call still opens and locks them, but finds
+/// the lock held: no shared lock table work to take it, none to give it
+/// back at its commit. DDL on those tables waits for the call's end
+/// instead of the next commit.
 ///
 /// # Safety
 /// Must run in a backend, in a transaction; `rri` initialised for an
@@ -898,9 +898,6 @@ unsafe fn hold(target: &mut Target, estate: *mut pg_sys::EState, size: usize) ->
     let held = target.held.as_mut().expect("a table that holds rows");
     // A slot to copy the row into: the next one held, or a new one.
     let next = held.slots.get(held.rows).copied();
-    if next.is_none() {
-        held.slots.reserve(1);
-    }
     let tupdesc: *mut pg_sys::TupleDesc = &mut held.tupdesc;
     // SAFETY: per the contract; nothing below panics or owns anything.
     let slot = unsafe {
@@ -1363,8 +1360,9 @@ unsafe fn find(
         let (index, keys, local) = (finder.index, finder.scan_keys.as_mut_ptr(), target.local);
         let want_xmin = origin.is_some();
         // Whether a row was found, the result of a row lock that neither
-        // succeeded nor met a concurrent change, the row's xmin.
-        let (found, failed, xmin, null) = raw::guarded(|| {
+        // succeeded nor met a concurrent change, the row's xmin (when
+        // asked for and not NULL).
+        let (found, failed, xmin) = raw::guarded(|| {
             let mut snapshot: pg_sys::SnapshotData = std::mem::zeroed();
             snapshot.snapshot_type = pg_sys::SnapshotType::SNAPSHOT_DIRTY;
             // The scan writes what it saw being written into the
@@ -1427,13 +1425,16 @@ unsafe fn find(
                 }
             };
             raw::index_endscan(scan);
-            let mut null = true;
-            let mut xmin = pg_sys::Datum::from(0usize);
+            let mut xmin = None;
             if found && want_xmin {
-                xmin =
+                let mut null = false;
+                let d =
                     raw::slot_getsysattr(local, pg_sys::MinTransactionIdAttributeNumber, &mut null);
+                if !null {
+                    xmin = Some(pg_sys::TransactionId::from_inner(d.value() as u32));
+                }
             }
-            (found, failed, xmin, null)
+            (found, failed, xmin)
         });
         if let Some(other) = failed {
             raise(
@@ -1455,13 +1456,9 @@ unsafe fn find(
                 None,
             );
         }
-        let Some(origin) = origin else {
+        let (Some(origin), Some(xid)) = (origin, xmin) else {
             return;
         };
-        let xid = pg_sys::TransactionId::from_inner(xmin.value() as u32);
-        if null {
-            return;
-        }
         // The writer cache answers for most rows last written by a peer;
         // it is trusted only to let the change through (see writers.rs).
         if let Some(writer) = crate::writers::writer_of(xid)

@@ -83,12 +83,12 @@
 //! between the two, commits are not ordered. A transaction that touches
 //! a key (relation and replica identity values) of a transaction of the
 //! other session not known committed waits, before it applies anything,
-//! until that one has committed (`plugin/src/apply.rs`). Only the first session sends
-//! statements: a transaction sent as statements there first waits for
-//! the lane's last one, and the lane's next transaction waits for it; a
-//! transaction dealt to the lane that needs a statement is handed over
-//! to the applier's other session, bound to the lane's origin, once
-//! both batched sessions have nothing in flight. Every transaction up to
+//! until that one has committed (`plugin/src/apply.rs`). Only the first
+//! session sends statements: a transaction sent as statements there
+//! first waits for the lane's last one, and the lane's next transaction
+//! waits for it; a transaction dealt to the lane that needs a statement
+//! is handed over to the applier's other session, bound to the lane's
+//! origin, once both batched sessions have nothing in flight. Every transaction up to
 //! the lower progress of the two origins is committed: the stream
 //! resumes there, and a transaction whose session's origin is past it is
 //! skipped. The peer hears as flushed the last point up to which every
