@@ -177,7 +177,20 @@ pub unsafe extern "C-unwind" fn apply_changes(fcinfo: pg_sys::FunctionCallInfo) 
     let bytes = unsafe { bytea_arg(&args[0], "bdr.apply_changes: the changes") };
     let origin = arg(3).map(|d| d.value() as u32);
     // SAFETY: runs in a backend, in a transaction (a SQL function call).
-    let applied = unsafe { apply(bytes, origin) };
+    let applied = unsafe {
+        let mut exec = None;
+        let applied = apply(
+            &mut exec,
+            pg_sys::CurrentMemoryContext,
+            false,
+            bytes,
+            origin,
+        );
+        if let Some(e) = exec {
+            e.close();
+        }
+        applied
+    };
     if let Some(end_lsn) = arg(1) {
         record_commit(
             "bdr.apply_changes",
@@ -348,6 +361,10 @@ pub extern "C" fn pg_finfo_apply_transactions() -> &'static pg_sys::Pg_finfo_rec
 /// Rows written through the other sessions' origins are the peer's as
 /// much as rows of the transaction's own origin ([`find`]).
 ///
+/// The tables stay open and locked from one transaction to the next
+/// ([`Executor`]), until the call ends or a transaction sleeps for
+/// another session's.
+///
 /// # Safety
 /// Called by PostgreSQL's function manager with one argument, through
 /// CALL.
@@ -396,14 +413,15 @@ pub unsafe extern "C-unwind" fn apply_transactions(
                 None,
             );
         }
-        let txn_cxt = new_context(pg_sys::CurrentMemoryContext, c"bdr apply transaction");
+        let call_cxt = pg_sys::CurrentMemoryContext;
+        let txn_cxt = new_context(call_cxt, c"bdr apply transaction");
         // Order locks and relation locks left by a call that failed, and
         // released when this one fails (the error unwinds through the
-        // guard).
+        // guard, after the executor's references are given back).
         release_order_locks(usize::MAX);
         release_session_relations();
         let _release = CallLocksGuard;
-        HOLD_RELATIONS.set(true);
+        let mut exec: Option<Executor> = None;
         let session = u32::from(pg_sys::replorigin_session_origin);
         let mut locked = 0;
         for (i, t) in txns.iter().enumerate() {
@@ -419,12 +437,20 @@ pub unsafe extern "C-unwind" fn apply_transactions(
                 }
                 locked += 1;
             }
-            // Before its first change, holding no lock of its own.
-            if let Some(after) = &t.after {
-                wait_for(after);
+            // Before its first change, holding no lock of its own; the
+            // tables held for the session are given back (and closed)
+            // before it sleeps.
+            if let Some(after) = &t.after
+                && !spin_for(after)
+            {
+                if let Some(e) = exec.take() {
+                    e.close();
+                }
+                release_session_relations();
+                sleep_for(after);
             }
             raw::guarded(|| raw::PushActiveSnapshot(raw::GetTransactionSnapshot()));
-            apply(t.changes, t.origin);
+            apply(&mut exec, call_cxt, true, t.changes, t.origin);
             record_commit("bdr.apply_transactions", t.end_lsn, t.commit_time);
             raw::guarded(|| {
                 raw::PopActiveSnapshot();
@@ -435,6 +461,9 @@ pub unsafe extern "C-unwind" fn apply_transactions(
                 release_order_locks(1);
             }
             raw::guarded(|| raw::MemoryContextReset(txn_cxt));
+        }
+        if let Some(e) = exec.take() {
+            e.close();
         }
         pg_sys::SPI_finish();
     }
@@ -465,7 +494,6 @@ struct CallLocksGuard;
 
 impl Drop for CallLocksGuard {
     fn drop(&mut self) {
-        HOLD_RELATIONS.set(false);
         // SAFETY: in the backend that took them.
         unsafe {
             release_order_locks(usize::MAX);
@@ -475,10 +503,6 @@ impl Drop for CallLocksGuard {
 }
 
 thread_local! {
-    /// Whether the tables [`open_target`] opens stay locked for the
-    /// session until the call ends (or [`wait_for`] sleeps): in
-    /// `bdr.apply_transactions`.
-    static HOLD_RELATIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// The tables and indexes the session holds `RowExclusiveLock` on
     /// across the call's commits.
     static SESSION_RELATIONS: RefCell<Vec<pg_sys::LockRelId>> = const { RefCell::new(Vec::new()) };
@@ -574,51 +598,79 @@ fn order_lock(origin: u32, end_lsn: u64) -> pg_sys::LOCKTAG {
 }
 
 /// Waits until the transaction `after` names has committed: until its
-/// session's replication origin is at its end LSN. First the origin is
-/// looked at for some tens of microseconds (it is most often about to
-/// commit); then, while that transaction applies, it holds its
-/// [`order_lock`], which is waited for as any lock is (so that
-/// PostgreSQL's deadlock detector would see a cycle with a row lock);
-/// before it has begun, the origin is looked at again every millisecond.
-/// Before it sleeps, the session gives back the tables it holds
-/// ([`hold_for_session`]).
-/// A transaction that never commits (it failed, its session is gone) is
-/// waited for until the call is cancelled.
+/// session's replication origin is at its end LSN ([`spin_for`], then
+/// [`sleep_for`]), giving back the tables this session holds
+/// ([`hold_for_session`]) before it sleeps.
 ///
 /// # Safety
-/// Must run in a backend, inside a transaction.
+/// Must run in a backend, inside a transaction, with no executor of
+/// `bdr.apply_transactions` open.
 unsafe fn wait_for(after: &bdr_protocol::apply::After) {
+    // SAFETY: per the contract.
+    unsafe {
+        if !spin_for(after) {
+            release_session_relations();
+            sleep_for(after);
+        }
+    }
+}
+
+/// The replication origin of the session a transaction waits for.
+fn waited_origin(after: &bdr_protocol::apply::After) -> pg_sys::RepOriginId {
     let Ok(origin) = pg_sys::RepOriginId::try_from(after.origin) else {
         bad_input(format!(
             "bdr.apply_transactions: replication origin {} waited for does not exist",
             after.origin
         ));
     };
+    // SAFETY: a backend global.
+    if origin == unsafe { pg_sys::replorigin_session_origin } {
+        bad_input(format!(
+            "bdr.apply_transactions: a transaction waits for one of its own session (origin {origin})"
+        ));
+    }
+    origin
+}
+
+/// Whether the transaction `after` names has committed, looking at its
+/// session's replication origin for some tens of microseconds: the other
+/// session is most often about to commit it, and waking a sleeping
+/// process costs both more than that.
+///
+/// # Safety
+/// Must run in a backend.
+unsafe fn spin_for(after: &bdr_protocol::apply::After) -> bool {
+    let origin = waited_origin(after);
+    for _ in 0..SPIN_LOOKS {
+        // SAFETY: per the contract.
+        if unsafe { pg_sys::replorigin_get_progress(origin, false) } >= after.end_lsn {
+            return true;
+        }
+        for _ in 0..SPIN_PAUSES {
+            std::hint::spin_loop();
+        }
+    }
+    false
+}
+
+/// Sleeps until the transaction `after` names has committed. While that
+/// transaction applies, it holds its [`order_lock`], which is waited for
+/// as any lock is (so that PostgreSQL's deadlock detector would see a
+/// cycle with a row lock); before it has begun, the origin is looked at
+/// again every millisecond. The caller gives back the tables it holds
+/// first: that transaction may need one of them (a TRUNCATE sent as a
+/// statement), and while it has not begun this wait is not one the
+/// deadlock detector sees. A transaction that never commits (it failed,
+/// its session is gone) is waited for until the call is cancelled.
+///
+/// # Safety
+/// Must run in a backend, inside a transaction.
+unsafe fn sleep_for(after: &bdr_protocol::apply::After) {
+    let origin = waited_origin(after);
     // SAFETY: per the contract.
     unsafe {
-        if origin == pg_sys::replorigin_session_origin {
-            bad_input(format!(
-                "bdr.apply_transactions: a transaction waits for one of its own session (origin {origin})"
-            ));
-        }
         let tag = order_lock(after.origin, after.end_lsn);
         let share = pg_sys::ShareLock as i32;
-        // The other session is most often about to commit it: look
-        // again for a few microseconds before going to sleep (waking a
-        // sleeping process costs both more than that).
-        for _ in 0..SPIN_LOOKS {
-            if pg_sys::replorigin_get_progress(origin, false) >= after.end_lsn {
-                return;
-            }
-            for _ in 0..SPIN_PAUSES {
-                std::hint::spin_loop();
-            }
-        }
-        // That transaction may need one of the tables this session holds
-        // (a TRUNCATE sent as a statement), and while it has not begun
-        // this wait is not one the deadlock detector sees: give them
-        // back first (`hold_for_session`).
-        release_session_relations();
         loop {
             pgrx::check_for_interrupts!();
             if pg_sys::replorigin_get_progress(origin, false) >= after.end_lsn {
@@ -647,11 +699,266 @@ unsafe fn wait_for(after: &bdr_protocol::apply::After) {
     }
 }
 
-/// Applies the changes of `bytes`; how many.
+/// The executor state changes are applied in: a range table entry and a
+/// result relation per table, each opened when its first change comes
+/// (the set-up of execReplication.c's callers), AFTER triggers queued for
+/// each transaction.
+///
+/// `bdr.apply_transactions` keeps one for the whole call ("kept"): its
+/// tables stay open from one transaction to the next (and locked for the
+/// session, [`hold_for_session`]), so that a transaction of a table
+/// already open only writes. Their relation cache references and the
+/// pins of their slots' row types belong to a resource owner of the
+/// executor's own, not the transaction's, which would give them back at
+/// its commit; the lock each transaction's opens took is the
+/// transaction's, given back at its commit as usual (the session's lock
+/// stays). The executor's memory is the call's. Anything PostgreSQL opens
+/// or pins on its own while it applies (an index scan, a buffer, a
+/// snapshot) stays the transaction's; the slots the trigger code makes
+/// for a table with triggers are made when the table opens, so that they
+/// are the executor's too.
+struct Executor {
+    estate: *mut pg_sys::EState,
+    epq: Box<pg_sys::EPQState>,
+    /// Memory of one change.
+    row_cxt: pg_sys::MemoryContext,
+    /// The open tables by stream relation id; the i-th is range table
+    /// entry i + 1.
+    targets: Vec<(RelId, Target)>,
+    /// A kept executor's resource owner; null for one of a single
+    /// transaction, whose tables are the transaction's.
+    owner: pg_sys::ResourceOwner,
+}
+
+impl Executor {
+    /// A new executor state in memory context `parent`, kept across
+    /// transactions or not.
+    ///
+    /// # Safety
+    /// Must run in a backend, in a transaction; `parent` outlives the
+    /// executor.
+    unsafe fn new(parent: pg_sys::MemoryContext, kept: bool) -> Self {
+        // SAFETY: per the contract; EvalPlanQualInit fills in the zeroed
+        // state; nothing in the guarded closure panics or owns anything.
+        unsafe {
+            let mut epq: Box<pg_sys::EPQState> = Box::new(std::mem::zeroed());
+            let epq_state: *mut pg_sys::EPQState = &mut *epq;
+            let owner = if kept {
+                pg_sys::ResourceOwnerCreate(std::ptr::null_mut(), c"bdr apply".as_ptr())
+            } else {
+                std::ptr::null_mut()
+            };
+            let (estate, row_cxt) = raw::guarded(|| {
+                let outer = switch_to(parent);
+                let estate = raw::CreateExecutorState();
+                switch_to((*estate).es_query_cxt);
+                raw::ExecInitRangeTable(estate, std::ptr::null_mut());
+                raw::EvalPlanQualInit(
+                    epq_state,
+                    estate,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    -1,
+                );
+                switch_to(outer);
+                (estate, (*estate).es_query_cxt)
+            });
+            let row_cxt = new_context(row_cxt, c"bdr apply change");
+            Executor {
+                estate,
+                epq,
+                row_cxt,
+                targets: Vec::new(),
+                owner,
+            }
+        }
+    }
+
+    fn kept(&self) -> bool {
+        !self.owner.is_null()
+    }
+
+    /// The position in `targets` of the table of relation `desc`, opened
+    /// if it is not yet.
+    ///
+    /// # Safety
+    /// Must run in a backend, in a transaction.
+    unsafe fn open(&mut self, desc: &LocalRelation) -> usize {
+        if let Some(i) = self.targets.iter().position(|(id, _)| *id == desc.rel_id) {
+            return i;
+        }
+        let (estate, epq_state, owner) = (self.estate, &raw mut *self.epq, self.owner);
+        let kept = self.kept();
+        let rti = self.targets.len() + 1;
+        // SAFETY: per the contract; nothing in the guarded closures
+        // panics or owns anything.
+        unsafe {
+            let saved = raw::guarded(|| {
+                // EvalPlanQual keeps a slot per range table entry: made
+                // again for one entry more (idle between changes).
+                raw::EvalPlanQualEnd(epq_state);
+                let outer = switch_to((*estate).es_query_cxt);
+                let rte = raw::make_node::<pg_sys::RangeTblEntry>(pg_sys::NodeTag::T_RangeTblEntry);
+                (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+                (*rte).relid = pg_sys::Oid::from(desc.table);
+                (*rte).relkind = pg_sys::RELKIND_RELATION as c_char;
+                (*rte).rellockmode = pg_sys::AccessShareLock as i32;
+                (*estate).es_range_table = raw::lappend((*estate).es_range_table, rte.cast());
+                (*estate).es_relations = raw::repalloc(
+                    (*estate).es_relations.cast(),
+                    rti * std::mem::size_of::<pg_sys::Relation>(),
+                )
+                .cast();
+                *(*estate).es_relations.add(rti - 1) = std::ptr::null_mut();
+                (*estate).es_range_table_size = rti as pg_sys::Index;
+                raw::EvalPlanQualInit(
+                    epq_state,
+                    estate,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    -1,
+                );
+                (outer, kept.then(|| switch_owner(owner)))
+            });
+            let target = open_target(estate, desc, rti, kept);
+            let (outer, saved_owner) = saved;
+            switch_to(outer);
+            if let Some(o) = saved_owner {
+                pg_sys::CurrentResourceOwner = o;
+            }
+            self.targets.push((desc.rel_id, target));
+        }
+        self.targets.len() - 1
+    }
+
+    /// Ends a transaction's use: its held rows written, its AFTER
+    /// triggers fired, its EvalPlanQual state given back.
+    ///
+    /// # Safety
+    /// Must run in the transaction the changes were applied in.
+    unsafe fn end_transaction(&mut self) {
+        let (estate, epq_state, row_cxt) = (self.estate, &raw mut *self.epq, self.row_cxt);
+        // SAFETY: per the contract.
+        unsafe {
+            let outer = switch_to((*estate).es_query_cxt);
+            for (_, t) in &mut self.targets {
+                flush(t, estate, row_cxt);
+            }
+            raw::guarded(|| {
+                raw::AfterTriggerEndQuery(estate);
+                raw::EvalPlanQualEnd(epq_state);
+                switch_to(outer);
+            });
+        }
+    }
+
+    /// Closes the tables and frees the state, in a transaction that
+    /// applied nothing since [`Executor::end_transaction`], or in the one
+    /// transaction of an executor not kept.
+    ///
+    /// # Safety
+    /// Must run in a transaction of the backend that made it.
+    unsafe fn close(mut self) {
+        let (estate, epq_state, owner) = (self.estate, &raw mut *self.epq, self.owner);
+        let kept = self.kept();
+        let targets = std::mem::take(&mut self.targets);
+        // SAFETY: per the contract; nothing below panics or owns anything.
+        unsafe {
+            raw::guarded(|| {
+                raw::EvalPlanQualEnd(epq_state);
+                let saved = kept.then(|| switch_owner(owner));
+                for (_, t) in &targets {
+                    if kept {
+                        // The locks of ExecOpenIndices went with the
+                        // transaction that opened them.
+                        let n = usize::try_from((*t.rri).ri_NumIndices).unwrap_or(0);
+                        for i in 0..n {
+                            raw::index_close(
+                                *(*t.rri).ri_IndexRelationDescs.add(i),
+                                pg_sys::NoLock as i32,
+                            );
+                        }
+                    } else {
+                        raw::ExecCloseIndices(t.rri);
+                    }
+                    raw::table_close(t.rel, pg_sys::NoLock as i32);
+                }
+                raw::ExecResetTupleTable((*estate).es_tupleTable, false);
+                raw::FreeExecutorState(estate);
+                if let Some(o) = saved {
+                    pg_sys::CurrentResourceOwner = o;
+                }
+            });
+        }
+        drop(targets);
+        // SAFETY: per the contract; nothing is left to the owner.
+        unsafe { self.release_owner() };
+    }
+
+    /// Gives back what the executor's resource owner still has, and the
+    /// owner.
+    ///
+    /// # Safety
+    /// Must run in a backend.
+    unsafe fn release_owner(&mut self) {
+        let owner = std::mem::replace(&mut self.owner, std::ptr::null_mut());
+        if owner.is_null() {
+            return;
+        }
+        // SAFETY: per the contract; the owner is the executor's.
+        unsafe {
+            if pg_sys::CurrentResourceOwner == owner {
+                pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+            }
+            for phase in [
+                pg_sys::ResourceReleasePhase::RESOURCE_RELEASE_BEFORE_LOCKS,
+                pg_sys::ResourceReleasePhase::RESOURCE_RELEASE_LOCKS,
+                pg_sys::ResourceReleasePhase::RESOURCE_RELEASE_AFTER_LOCKS,
+            ] {
+                pg_sys::ResourceOwnerRelease(owner, phase, false, false);
+            }
+            pg_sys::ResourceOwnerDelete(owner);
+        }
+    }
+}
+
+/// Makes `owner` the current resource owner; the one before.
 ///
 /// # Safety
-/// Must run in a backend, inside a transaction.
-unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
+/// Must run in a backend.
+#[inline]
+unsafe fn switch_owner(owner: pg_sys::ResourceOwner) -> pg_sys::ResourceOwner {
+    // SAFETY: a backend global.
+    unsafe {
+        let before = pg_sys::CurrentResourceOwner;
+        pg_sys::CurrentResourceOwner = owner;
+        before
+    }
+}
+
+impl Drop for Executor {
+    /// A kept executor left by an error: the references and pins its
+    /// owner has are given back (its memory goes with the call's).
+    fn drop(&mut self) {
+        // SAFETY: in the backend that made it.
+        unsafe { self.release_owner() };
+    }
+}
+
+/// Applies the changes of `bytes` in executor `exec` (made in `parent`,
+/// kept across transactions or not, when there is none; made again when
+/// a relation it has open is described differently); how many.
+///
+/// # Safety
+/// Must run in a backend, inside a transaction; `parent` outlives the
+/// executor.
+unsafe fn apply(
+    exec: &mut Option<Executor>,
+    parent: pg_sys::MemoryContext,
+    kept: bool,
+    bytes: &[u8],
+    origin: Option<u32>,
+) -> i64 {
     let (relations, start, messages) = match read_changes(bytes) {
         Ok(parts) => parts,
         Err(e) => bad_input(format!("bdr.apply_changes: {e}")),
@@ -664,10 +971,8 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
         // SAFETY: nothing refers to the context's memory any more.
         unsafe { pg_sys::MemoryContextReset(cache_cxt) };
     }
-    let mut slot_of: FxHashMap<RelId, usize> =
-        FxHashMap::with_capacity_and_hasher(relations.len(), Default::default());
-    for (i, r) in relations.iter().enumerate() {
-        slot_of.insert(r.rel_id, i);
+    let mut redescribed = false;
+    for r in &relations {
         if described.get(&r.rel_id).is_none_or(|d| d.desc != *r) {
             let io = r
                 .columns
@@ -684,40 +989,25 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                     io,
                 },
             );
+            redescribed |= exec
+                .as_ref()
+                .is_some_and(|e| e.targets.iter().any(|(id, _)| *id == r.rel_id));
         }
     }
-    // SAFETY: the executor set-up of execReplication.c's callers: one
-    // range table entry and result relation per table, AFTER triggers
-    // queued for the call.
+    // SAFETY: per the contract.
     unsafe {
-        let mut epq: Box<pg_sys::EPQState> = Box::new(std::mem::zeroed());
-        let epq_state: *mut pg_sys::EPQState = &mut *epq;
-        let (estate, query_cxt, outer) = raw::guarded(|| {
-            let estate = raw::CreateExecutorState();
-            let query_cxt = (*estate).es_query_cxt;
-            let outer = switch_to(query_cxt);
-            let mut rtable: *mut pg_sys::List = std::ptr::null_mut();
-            for r in &relations {
-                let rte = raw::make_node::<pg_sys::RangeTblEntry>(pg_sys::NodeTag::T_RangeTblEntry);
-                (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
-                (*rte).relid = pg_sys::Oid::from(r.table);
-                (*rte).relkind = pg_sys::RELKIND_RELATION as c_char;
-                (*rte).rellockmode = pg_sys::AccessShareLock as i32;
-                rtable = raw::lappend(rtable, rte.cast());
-            }
-            raw::ExecInitRangeTable(estate, rtable);
-            raw::EvalPlanQualInit(
-                epq_state,
-                estate,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                -1,
-            );
+        if redescribed && let Some(e) = exec.take() {
+            // Opened for the description before.
+            e.close();
+        }
+        let exec = exec.get_or_insert_with(|| Executor::new(parent, kept));
+        let (estate, row_cxt) = (exec.estate, exec.row_cxt);
+        let epq_state: *mut pg_sys::EPQState = &mut *exec.epq;
+        let query_cxt = (*estate).es_query_cxt;
+        let outer = raw::guarded(|| {
             raw::AfterTriggerBeginQuery();
-            (estate, query_cxt, outer)
+            switch_to(query_cxt)
         });
-        let row_cxt = new_context(query_cxt, c"bdr apply change");
-        let mut targets: Vec<Option<Target>> = relations.iter().map(|_| None).collect();
         let mut applied = 0i64;
         let mut messages = messages;
         let mut n = 0usize;
@@ -742,25 +1032,22 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
                     char::from(other.tag())
                 )),
             };
-            let Some(&i) = slot_of.get(&rel_id) else {
+            if !relations.iter().any(|r| r.rel_id == rel_id) {
                 bad_input(format!(
                     "bdr.apply_changes: change {n} refers to relation id {rel_id}, which the changes do not describe"
                 ));
-            };
-            let entry = described.get_mut(&rel_id).expect("described above");
-            if targets[i].is_none() {
-                targets[i] = Some(open_target(estate, &entry.desc, i + 1));
             }
-            let holds = matches!(msg, Message::Insert(_))
-                && targets[i].as_ref().is_some_and(|t| t.held.is_some());
+            let entry = described.get_mut(&rel_id).expect("described above");
+            let i = exec.open(&entry.desc);
+            let holds = matches!(msg, Message::Insert(_)) && exec.targets[i].1.held.is_some();
             if !holds {
                 // Held rows go in before anything that could see them:
                 // an UPDATE or DELETE, or a row a trigger sees go in.
-                for t in targets.iter_mut().flatten() {
+                for (_, t) in &mut exec.targets {
                     flush(t, estate, row_cxt);
                 }
             }
-            let target = targets[i].as_mut().expect("opened above");
+            let target = &mut exec.targets[i].1;
             // Whether the rows held for the table should go in now.
             let mut full = false;
             switch_to(row_cxt);
@@ -852,21 +1139,8 @@ unsafe fn apply(bytes: &[u8], origin: Option<u32>) -> i64 {
             applied += 1;
             n += 1;
         }
-        for t in targets.iter_mut().flatten() {
-            flush(t, estate, row_cxt);
-        }
-        raw::guarded(|| {
-            raw::AfterTriggerEndQuery(estate);
-            for t in targets.iter().flatten() {
-                raw::ExecCloseIndices(t.rri);
-                raw::table_close(t.rel, pg_sys::NoLock as i32);
-            }
-            raw::EvalPlanQualEnd(epq_state);
-            raw::ExecResetTupleTable((*estate).es_tupleTable, false);
-            switch_to(outer);
-            raw::FreeExecutorState(estate);
-        });
-        drop(targets);
+        switch_to(outer);
+        exec.end_transaction();
         DESCRIBED.set(described);
         applied
     }
@@ -1021,13 +1295,20 @@ unsafe fn cache_context() -> pg_sys::MemoryContext {
     })
 }
 
-/// Opens the table of `desc` (range table index `rti`) for the call,
-/// after checking that it still is what the description says.
+/// Opens the table of `desc` (range table index `rti`) for the
+/// executor, after checking that it still is what the description says;
+/// for a `kept` executor, locked for the session too.
 ///
 /// # Safety
-/// `estate` must be the call's executor state, current memory context its
-/// query context.
-unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: usize) -> Target {
+/// `estate` must be the executor's state, with range table entry `rti`,
+/// current memory context its query context, current resource owner the
+/// executor's.
+unsafe fn open_target(
+    estate: *mut pg_sys::EState,
+    desc: &LocalRelation,
+    rti: usize,
+    kept: bool,
+) -> Target {
     // SAFETY: per the contract; every pointer comes from the server.
     unsafe {
         let rel = pg_sys::table_open(
@@ -1074,7 +1355,7 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
             raw::ExecOpenIndices(rri, false);
             rri
         });
-        if HOLD_RELATIONS.get() {
+        if kept {
             hold_for_session(rri);
         }
         // The index must be a unique one of this table whose key columns
@@ -1092,6 +1373,12 @@ unsafe fn open_target(estate: *mut pg_sys::EState, desc: &LocalRelation, rti: us
             let local = raw::table_slot_create(rel, &mut (*estate).es_tupleTable);
             let new =
                 raw::ExecInitExtraTupleSlot(estate, tupdesc, &raw const pg_sys::TTSOpsVirtual);
+            if !(*rri).ri_TrigDesc.is_null() {
+                // The trigger code's slots, made now rather than by the
+                // first change that needs them (see `Executor`).
+                raw::ExecGetTriggerOldSlot(estate, rri);
+                raw::ExecGetTriggerNewSlot(estate, rri);
+            }
             (rte, local, new)
         });
         // INSERTs go in many rows at a time unless something must see

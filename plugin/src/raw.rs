@@ -38,6 +38,7 @@ unsafe extern "C-unwind" {
     pub fn CreateExecutorState() -> *mut EState;
     pub fn FreeExecutorState(estate: *mut EState);
     pub fn palloc0(size: usize) -> *mut c_void;
+    pub fn repalloc(pointer: *mut c_void, size: usize) -> *mut c_void;
     pub fn lappend(list: *mut List, datum: *mut c_void) -> *mut List;
     pub fn list_free(list: *mut List);
     pub fn ExecInitRangeTable(estate: *mut EState, range_table: *mut List);
@@ -52,6 +53,15 @@ unsafe extern "C-unwind" {
     pub fn AfterTriggerBeginQuery();
     pub fn AfterTriggerEndQuery(estate: *mut EState);
     pub fn table_close(relation: Relation, lockmode: c_int);
+    pub fn index_close(relation: Relation, lockmode: c_int);
+    pub fn ExecGetTriggerOldSlot(
+        estate: *mut EState,
+        rri: *mut ResultRelInfo,
+    ) -> *mut TupleTableSlot;
+    pub fn ExecGetTriggerNewSlot(
+        estate: *mut EState,
+        rri: *mut ResultRelInfo,
+    ) -> *mut TupleTableSlot;
     pub fn InitResultRelInfo(
         rri: *mut ResultRelInfo,
         rel: Relation,

@@ -662,6 +662,14 @@ fn a_call_holds_its_tables_until_it_ends() {
     assert_eq!(result, Ok(()));
     assert_eq!(progress(&node, "peer_0"), "0/200");
     assert_eq!(node.safe_psql(&held), "");
+    // The call kept v and w open from one transaction to the next: the
+    // session has given them back (TRUNCATE refuses a table this session
+    // still has open).
+    let not_open = |a: &mut postgres::Client| {
+        a.batch_execute("BEGIN; TRUNCATE v, w; ROLLBACK")
+            .expect("v and w closed");
+    };
+    not_open(&mut a);
 
     // A call that fails in its second transaction (w's row is gone)
     // commits the first and holds nothing after.
@@ -671,6 +679,7 @@ fn a_call_holds_its_tables_until_it_ends() {
     assert_eq!(code, "P0002", "{message}");
     assert_eq!(progress(&node, "peer_0"), "0/300");
     assert_eq!(node.safe_psql(&held), "");
+    not_open(&mut a);
     node.safe_psql("ALTER TABLE v ADD COLUMN x int");
 
     // Ordered transactions (parallel apply's) hold them too...
@@ -684,16 +693,19 @@ fn a_call_holds_its_tables_until_it_ends() {
     assert_eq!(result, Ok(()));
     assert_eq!(progress(&node, "peer_0"), "0/600");
 
-    // ...but give them back before sleeping until a transaction of
-    // another session commits, which may need them: here it locks v
-    // exclusively (as a TRUNCATE sent as a statement would) and commits
-    // through the other origin.
+    // ...but give them back, and close them, before sleeping until a
+    // transaction of another session commits, which may need them: here
+    // it locks v exclusively (as a TRUNCATE sent as a statement would),
+    // adds an index to it, and commits through the other origin. The
+    // call's next transaction on v then writes to that index too.
+    let on_v_again: &'static [u8] = update_t(&v, 1, "third").leak();
     let applying = std::thread::spawn(move || {
         let r = call_transactions(
             &mut a,
             &[
                 ordered(0x700, on_v, None),
                 ordered(0x800, on_w, Some((origin_b, 0x900))),
+                ordered(0xA00, on_v_again, None),
             ],
         );
         (a, r)
@@ -702,12 +714,69 @@ fn a_call_holds_its_tables_until_it_ends() {
     assert_eq!(progress(&node, "peer_0"), "0/700");
     assert_eq!(node.safe_psql(&held), "");
     b.batch_execute(
-        "BEGIN; LOCK TABLE v IN ACCESS EXCLUSIVE MODE; UPDATE w SET t = 'b' WHERE id = 2; \
+        "BEGIN; LOCK TABLE v IN ACCESS EXCLUSIVE MODE; CREATE INDEX v_t ON v (t); \
+         UPDATE w SET t = 'b' WHERE id = 2; \
          SELECT pg_replication_origin_xact_setup('0/900', now()); COMMIT",
     )
     .unwrap();
-    let (_, result) = applying.join().unwrap();
+    let (mut a, result) = applying.join().unwrap();
     assert_eq!(result, Ok(()));
-    assert_eq!(progress(&node, "peer_0"), "0/800");
+    assert_eq!(progress(&node, "peer_0"), "0/A00");
     assert_eq!(progress(&node, "peer_1"), "0/900");
+    assert_eq!(
+        node.safe_psql("SET enable_seqscan = off; SELECT count(*) FROM v WHERE t = 'third'"),
+        "1",
+        "the row is in the index made while the call slept"
+    );
+    not_open(&mut a);
+}
+
+#[test]
+fn a_call_keeps_tables_with_triggers_open_from_one_transaction_to_the_next() {
+    let node = node();
+    node.safe_psql(
+        "INSERT INTO v (id, t) VALUES (1, 'before'), (2, 'before');
+         CREATE TABLE seen (id int, t text);
+         CREATE FUNCTION mark() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN NEW.t := NEW.t || '!'; RETURN NEW; END $$;
+         CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN INSERT INTO seen VALUES (NEW.id, NEW.t); RETURN NULL; END $$;
+         CREATE TRIGGER mark BEFORE UPDATE ON v FOR EACH ROW EXECUTE FUNCTION mark();
+         CREATE TRIGGER note AFTER UPDATE ON v FOR EACH ROW EXECUTE FUNCTION note();
+         ALTER TABLE v ENABLE ALWAYS TRIGGER mark, ENABLE ALWAYS TRIGGER note;",
+    );
+    let rel = relation(&node);
+    let Sessions { mut a, .. } = sessions(&node);
+    a.batch_execute("SET session_replication_role = replica")
+        .unwrap();
+    let from = node.log_position();
+    let changes = [
+        update_t(&rel, 1, "one"),
+        update_t(&rel, 2, "two"),
+        update_t(&rel, 1, "three"),
+    ];
+    let txns: Vec<_> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Transaction {
+            ordered: false,
+            ..ordered(0x100 * (i as u64 + 1), c, None)
+        })
+        .collect();
+    assert_eq!(call_transactions(&mut a, &txns), Ok(()));
+    assert_eq!(progress(&node, "peer_0"), "0/300");
+    assert_eq!(
+        node.safe_psql("SELECT string_agg(id || t, ',' ORDER BY id) FROM v"),
+        "1three!,2two!"
+    );
+    assert_eq!(
+        node.safe_psql("SELECT string_agg(id || t, ',') FROM seen"),
+        "1one!,2two!,1three!"
+    );
+    // The trigger code's slots were the call's, not one transaction's:
+    // the server had nothing to give back itself.
+    let log = node.read_log_since(from);
+    assert!(!log.contains("WARNING"), "{log}");
+    a.batch_execute("BEGIN; TRUNCATE v; ROLLBACK")
+        .expect("v closed");
 }
