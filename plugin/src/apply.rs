@@ -144,6 +144,7 @@ const HELD_BYTES: usize = 64 * 1024;
 /// `TEXTOID` and `VARCHAROID`.
 const TEXT_OID: u32 = 25;
 const VARCHAR_OID: u32 = 1043;
+const BPCHAR_OID: u32 = 1042;
 
 const NO_ROW: PgSqlErrorCode = PgSqlErrorCode::ERRCODE_NO_DATA_FOUND;
 
@@ -1883,8 +1884,9 @@ unsafe fn type_function(
 /// A value as a datum of type `type_oid`: through the type's receive
 /// function (binary values) or input function (text), as the server does
 /// for a bound parameter; whether it is NULL. Common fixed-width binary
-/// values (`bdr_protocol::by_value`) and `text`/`varchar` without a
-/// length limit are made here directly, with those functions' checks.
+/// values (`bdr_protocol::by_value`), `text`/`varchar` without a length
+/// limit and `char(n)` values of length n are made here directly, with
+/// those functions' checks.
 ///
 /// # Safety
 /// Must run in a backend; the datum lives in the current memory context.
@@ -1914,6 +1916,27 @@ unsafe fn to_datum(
                 // it, without the copy to a C string.
                 let t = pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32);
                 return (pg_sys::Datum::from(t), false);
+            }
+            if type_oid == BPCHAR_OID && crate::pg::database_is_utf8() {
+                // What bpcharin makes of a value that already has the
+                // column's length in characters (as a value of the same
+                // column type elsewhere has), or of any value for a column
+                // without a length: the characters as they are.
+                let chars = if s.is_ascii() {
+                    s.len()
+                } else {
+                    s.chars().count()
+                } + spaces;
+                let length = usize::try_from(typmod - pg_sys::VARHDRSZ as i32).ok();
+                if length.is_none_or(|n| n == chars) {
+                    let len = s.len() + spaces;
+                    let v = pg_sys::palloc(pg_sys::VARHDRSZ + len).cast::<pg_sys::varlena>();
+                    pgrx::varlena::set_varsize_4b(v, (pg_sys::VARHDRSZ + len) as i32);
+                    let data = v.cast::<u8>().add(pg_sys::VARHDRSZ);
+                    std::ptr::copy_nonoverlapping(s.as_ptr(), data, s.len());
+                    std::ptr::write_bytes(data.add(s.len()), b' ', spaces);
+                    return (pg_sys::Datum::from(v), false);
+                }
             }
             let (finfo, ioparam) = io
                 .input

@@ -1,12 +1,14 @@
 //! `bdr.apply_changes` called directly, as the applier calls it: values it
 //! makes into datums itself (without the types' receive or input
-//! functions) come out as the server makes them, bad values are refused
-//! with an error naming what was wrong, a run of INSERTs written many
-//! rows at a time is all or nothing, an UPDATE waits for a local
-//! transaction writing its row, and `bdr.apply_transactions` commits a
-//! transaction only after the one it is told to wait for, applied on
-//! another session, and holds the tables it writes locked until the call
-//! ends, or one of its transactions waits for another session's.
+//! functions) come out as the server makes them (`char(n)` too), bad
+//! values are refused with an error naming what was wrong, a run of
+//! INSERTs written many rows at a time is all or nothing, an UPDATE
+//! waits for a local transaction writing its row, and
+//! `bdr.apply_transactions` commits a transaction only after the one it
+//! is told to wait for, applied on another session, holds the tables it
+//! writes open and locked until the call ends, or one of its
+//! transactions waits for another session's, and leaves nothing open
+//! after it.
 
 use bdr_protocol::apply::{
     After, LocalColumn, LocalRelation, Transaction, start_transactions, write_changes_head,
@@ -779,4 +781,93 @@ fn a_call_keeps_tables_with_triggers_open_from_one_transaction_to_the_next() {
     assert!(!log.contains("WARNING"), "{log}");
     a.batch_execute("BEGIN; TRUNCATE v; ROLLBACK")
         .expect("v closed");
+}
+
+#[test]
+fn char_values_are_the_servers() {
+    let node = node();
+    let table = "(id int PRIMARY KEY, a char(5), b char, c bpchar)";
+    node.safe_psql(&format!("CREATE TABLE c {table}; CREATE TABLE d {table}"));
+    let oid = |sql: &str| node.safe_psql(sql).parse::<u32>().unwrap();
+    let rel = LocalRelation {
+        rel_id: 9,
+        table: oid("SELECT 'c'::regclass::oid"),
+        index: oid("SELECT 'c_pkey'::regclass::oid"),
+        columns: [23, 1042, 1042, 1042]
+            .iter()
+            .enumerate()
+            .map(|(i, &type_oid)| LocalColumn {
+                attnum: i as u16 + 1,
+                type_oid,
+                key: i == 0,
+            })
+            .collect(),
+    };
+    let padded = |text, spaces| Datum::PaddedText { text, spaces };
+    // Values of the column's length (as the same column sends them),
+    // shorter, longer with blanks to cut, and for a column without one.
+    let rows: [[Datum<'_>; 4]; 5] = [
+        [
+            Datum::Int(1),
+            Datum::Text("héllo"),
+            Datum::Text("x"),
+            Datum::Text(" a b "),
+        ],
+        [
+            Datum::Int(2),
+            padded("ab", 3),
+            Datum::Text(" "),
+            padded("", 4),
+        ],
+        [
+            Datum::Int(3),
+            Datum::Text("ab"),
+            Datum::Text("é"),
+            Datum::Text(""),
+        ],
+        [
+            Datum::Int(4),
+            padded("abcde", 2),
+            padded("y", 2),
+            Datum::Null,
+        ],
+        [
+            Datum::Int(5),
+            Datum::Text("a"),
+            Datum::Null,
+            Datum::Text("ü"),
+        ],
+    ];
+    let mut bytes = Vec::new();
+    write_changes_head(&mut bytes, std::iter::once(&rel));
+    for r in &rows {
+        write_insert(&mut bytes, rel.rel_id, r);
+    }
+    assert_eq!(call(&mut node.connect(), &bytes), Ok(5));
+    node.safe_psql(
+        "INSERT INTO d VALUES (1, 'héllo', 'x', ' a b '), (2, 'ab   ', ' ', '    '),
+           (3, 'ab', 'é', ''), (4, 'abcde  ', 'y  ', NULL), (5, 'a', NULL, 'ü')",
+    );
+    let rows_of = |t: &str| {
+        node.safe_psql(&format!(
+            "SELECT string_agg(concat_ws(':', octet_length(a), a, octet_length(b), b, \
+                                         octet_length(c), c), ' | ' ORDER BY id) FROM {t}"
+        ))
+    };
+    assert_eq!(rows_of("c"), rows_of("d"));
+    // Too long, with more than blanks past the length.
+    let mut bytes = Vec::new();
+    write_changes_head(&mut bytes, std::iter::once(&rel));
+    write_insert(
+        &mut bytes,
+        rel.rel_id,
+        &[
+            Datum::Int(6),
+            Datum::Text("abcdef"),
+            Datum::Null,
+            Datum::Null,
+        ],
+    );
+    let err = call(&mut node.connect(), &bytes).expect_err("too long");
+    assert_eq!(err.0, "22001", "{err:?}");
 }
