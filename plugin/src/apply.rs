@@ -356,9 +356,9 @@ pub extern "C" fn pg_finfo_apply_transactions() -> &'static pg_sys::Pg_finfo_rec
 /// For sessions that apply one peer's transactions side by side, each
 /// with a replication origin of its own: a transaction may name an
 /// earlier one, applied by another session, to wait for before it
-/// applies anything ([`wait_for`]): one it depends on (an ordered one
-/// holds the lock such a wait waits for). It holds no lock while it
-/// waits; each session commits its own transactions in the peer's order.
+/// applies anything ([`wait_for`]): one it depends on (the commit of an
+/// ordered one wakes such a wait). It holds no lock while it waits; each
+/// session commits its own transactions in the peer's order.
 /// Rows written through the other sessions' origins are the peer's as
 /// much as rows of the transaction's own origin ([`find`]).
 ///
@@ -416,28 +416,15 @@ pub unsafe extern "C-unwind" fn apply_transactions(
         }
         let call_cxt = pg_sys::CurrentMemoryContext;
         let txn_cxt = new_context(call_cxt, c"bdr apply transaction");
-        // Order locks and relation locks left by a call that failed, and
-        // released when this one fails (the error unwinds through the
-        // guard, after the executor's references are given back).
-        release_order_locks(usize::MAX);
+        // Relation locks left by a call that failed, and released when
+        // this one fails (the error unwinds through the guard, after the
+        // executor's references are given back).
         release_session_relations();
         let _release = CallLocksGuard;
         let mut exec: Option<Executor> = None;
-        let session = u32::from(pg_sys::replorigin_session_origin);
-        let mut locked = 0;
-        for (i, t) in txns.iter().enumerate() {
+        let session = pg_sys::replorigin_session_origin;
+        for t in &txns {
             let outer = switch_to(txn_cxt);
-            // What a transaction of another session waits for
-            // (`wait_for`): taken for the next few transactions already,
-            // so that one waiting for them finds them taken as soon as
-            // this session has the call, held by each until it commits.
-            while locked < txns.len() && locked <= i + ORDER_AHEAD {
-                let next = &txns[locked];
-                if next.ordered {
-                    take_order_lock(order_lock(session, next.end_lsn));
-                }
-                locked += 1;
-            }
             // Before its first change, holding no lock of its own; the
             // tables held for the session are given back (and closed)
             // before it sleeps.
@@ -459,7 +446,7 @@ pub unsafe extern "C-unwind" fn apply_transactions(
                 raw::SPI_commit();
             });
             if t.ordered {
-                release_order_locks(1);
+                crate::waits::committed(session);
             }
             raw::guarded(|| raw::MemoryContextReset(txn_cxt));
         }
@@ -477,29 +464,14 @@ pub unsafe extern "C-unwind" fn apply_transactions(
 const SPIN_LOOKS: usize = 200;
 const SPIN_PAUSES: usize = 64;
 
-/// How many transactions past the one being applied hold their order
-/// locks already.
-const ORDER_AHEAD: usize = 4;
-
-thread_local! {
-    /// The order locks this session holds, oldest first: session locks,
-    /// which outlive the commits in between (and a failed call, until the
-    /// next call or the session's end).
-    static ORDER_LOCKS: RefCell<std::collections::VecDeque<pg_sys::LOCKTAG>> =
-        const { RefCell::new(std::collections::VecDeque::new()) };
-}
-
-/// Releases the session's order locks and relation locks when a call of
+/// Releases the session's relation locks when a call of
 /// `bdr.apply_transactions` ends, by an error too.
 struct CallLocksGuard;
 
 impl Drop for CallLocksGuard {
     fn drop(&mut self) {
         // SAFETY: in the backend that took them.
-        unsafe {
-            release_order_locks(usize::MAX);
-            release_session_relations();
-        }
+        unsafe { release_session_relations() };
     }
 }
 
@@ -554,47 +526,6 @@ unsafe fn release_session_relations() {
     for mut id in SESSION_RELATIONS.take() {
         // SAFETY: per the contract; the session holds it.
         unsafe { pg_sys::UnlockRelationIdForSession(&mut id, pg_sys::RowExclusiveLock as i32) };
-    }
-}
-
-/// Takes an order lock for the session.
-///
-/// # Safety
-/// Must run in a backend, in a transaction.
-unsafe fn take_order_lock(tag: pg_sys::LOCKTAG) {
-    // SAFETY: per the contract.
-    unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, true, false) };
-    ORDER_LOCKS.with_borrow_mut(|held| held.push_back(tag));
-}
-
-/// Releases the `n` oldest order locks of the session (all of them for
-/// `usize::MAX`).
-///
-/// # Safety
-/// Must run in a backend.
-unsafe fn release_order_locks(n: usize) {
-    for _ in 0..n {
-        let Some(tag) = ORDER_LOCKS.with_borrow_mut(|held| held.pop_front()) else {
-            return;
-        };
-        // SAFETY: per the contract; the session holds it.
-        unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as i32, true) };
-    }
-}
-
-/// The lock an ordered transaction of `bdr.apply_transactions` holds
-/// while it applies (see [`wait_for`]): named after its session's
-/// replication origin and its end LSN, of the type no part of PostgreSQL
-/// takes (`userlock` in `pg_locks`), in this database.
-fn order_lock(origin: u32, end_lsn: u64) -> pg_sys::LOCKTAG {
-    pg_sys::LOCKTAG {
-        // SAFETY: a backend global, set once the backend has a database.
-        locktag_field1: u32::from(unsafe { pg_sys::MyDatabaseId }),
-        locktag_field2: (end_lsn >> 32) as u32,
-        locktag_field3: end_lsn as u32,
-        locktag_field4: origin as u16,
-        locktag_type: pg_sys::LockTagType::LOCKTAG_USERLOCK as u8,
-        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
     }
 }
 
@@ -654,13 +585,13 @@ unsafe fn spin_for(after: &bdr_protocol::apply::After) -> bool {
     false
 }
 
-/// Sleeps until the transaction `after` names has committed. While that
-/// transaction applies, it holds its [`order_lock`], which is waited for
-/// as any lock is (so that PostgreSQL's deadlock detector would see a
-/// cycle with a row lock); before it has begun, the origin is looked at
-/// again every millisecond. The caller gives back the tables it holds
-/// first: that transaction may need one of them (a TRUNCATE sent as a
-/// statement), and while it has not begun this wait is not one the
+/// Sleeps until the transaction `after` names has committed: on the
+/// condition variable of its session's origin ([`crate::waits`]), which
+/// that session broadcasts on when an ordered transaction commits,
+/// looking at the origin again every millisecond in any case (a
+/// transaction committed as statements wakes nobody). The caller gives
+/// back the tables it holds first: that transaction may need one of them
+/// (a TRUNCATE sent as a statement), and this wait is not one the
 /// deadlock detector sees. A transaction that never commits (it failed,
 /// its session is gone) is waited for until the call is cancelled.
 ///
@@ -668,34 +599,30 @@ unsafe fn spin_for(after: &bdr_protocol::apply::After) -> bool {
 /// Must run in a backend, inside a transaction.
 unsafe fn sleep_for(after: &bdr_protocol::apply::After) {
     let origin = waited_origin(after);
-    // SAFETY: per the contract.
+    let cv = crate::waits::variable(origin);
+    // SAFETY: per the contract; an error while asleep (a cancel) ends the
+    // sleep with the transaction (AbortTransaction cancels it).
     unsafe {
-        let tag = order_lock(after.origin, after.end_lsn);
-        let share = pg_sys::ShareLock as i32;
-        loop {
-            pgrx::check_for_interrupts!();
-            if pg_sys::replorigin_get_progress(origin, false) >= after.end_lsn {
-                return;
+        if !cv.is_null() {
+            pg_sys::ConditionVariablePrepareToSleep(cv);
+        }
+        while pg_sys::replorigin_get_progress(origin, false) < after.end_lsn {
+            if cv.is_null() {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                        as i32,
+                    1,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+                pgrx::check_for_interrupts!();
+            } else {
+                pg_sys::ConditionVariableTimedSleep(cv, 1, pg_sys::PG_WAIT_EXTENSION);
             }
-            let taken = pg_sys::LockAcquire(&tag, share, false, true);
-            if taken == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
-                // It is applying: wait for it to end, then look again.
-                pg_sys::LockAcquire(&tag, share, false, false);
-                pg_sys::LockRelease(&tag, share, false);
-                continue;
-            }
-            pg_sys::LockRelease(&tag, share, false);
-            if pg_sys::replorigin_get_progress(origin, false) >= after.end_lsn {
-                return;
-            }
-            // Not begun yet.
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                1,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        if !cv.is_null() {
+            pg_sys::ConditionVariableCancelSleep();
         }
     }
 }

@@ -24,6 +24,7 @@ mod raw;
 mod relation;
 mod startup;
 mod stream;
+mod waits;
 mod writers;
 
 pgrx::pg_module_magic!();
@@ -33,6 +34,7 @@ pgrx::pg_module_magic!();
 pub extern "C-unwind" fn _PG_init() {
     guard::init();
     writers::init();
+    waits::init();
 }
 
 /// The extension's version, as installed by `CREATE EXTENSION bdr`.

@@ -172,7 +172,7 @@ pub struct Transaction<'a> {
     /// this one applies only once that one has committed.
     pub after: Option<After>,
     /// Whether a transaction of another session may wait for this one:
-    /// it holds, until it ends, the lock such a transaction waits for.
+    /// its commit wakes such a transaction.
     pub ordered: bool,
     /// Its changes, in the layout of `bdr.apply_changes`'s argument.
     pub changes: &'a [u8],

@@ -431,20 +431,20 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
         .unwrap();
 
     // B's transaction waits for A's (end LSN 0/100), which has not begun:
-    // B looks at A's origin again and again.
+    // B sleeps until A's origin is there.
     let waiting = std::thread::spawn(move || {
         let r = call_transactions(&mut b, &[txn(0x200, second, Some(0x100))]);
         (b, r)
     });
     node.poll_query_until(&waits(pid_b, "Extension/Extension"), "t");
-    // A begins it and waits for the local transaction: B now waits for
-    // A's transaction as for a lock.
+    // A begins it and waits for the local transaction: B still sleeps,
+    // until A commits.
     let applying = std::thread::spawn(move || {
         let r = call_transactions(&mut a, &[txn(0x100, first, None)]);
         (a, r)
     });
     node.poll_query_until(&waits(pid_a, "Lock/transactionid"), "t");
-    node.poll_query_until(&waits(pid_b, "Lock/userlock"), "t");
+    assert_eq!(node.safe_psql(&waits(pid_b, "Extension/Extension")), "t");
     assert!(!waiting.is_finished(), "B committed before A");
     assert_eq!(progress(&node, "peer_1"), "0/0");
     local.batch_execute("COMMIT").unwrap();
@@ -473,7 +473,8 @@ fn a_transaction_commits_after_the_one_it_waits_for() {
         let r = call_transactions(&mut a, &[txn(0x300, first, None)]);
         (a, r)
     });
-    node.poll_query_until(&waits(pid_b, "Lock/userlock"), "t");
+    node.poll_query_until(&waits(pid_a, "Lock/transactionid"), "t");
+    node.poll_query_until(&waits(pid_b, "Extension/Extension"), "t");
     node.safe_psql(&format!("SELECT pg_cancel_backend({pid_a})"));
     let (_, result) = applying.join().unwrap();
     assert_eq!(result.expect_err("cancelled").0, "57014");

@@ -1,0 +1,119 @@
+//! Wake-ups for the transactions of parallel apply that wait for another
+//! session's: condition variables in shared memory.
+//!
+//! A transaction of `bdr.apply_transactions` that depends on one applied
+//! by another session waits, before its first change, until that
+//! session's replication origin is at the other transaction's end LSN
+//! (`apply::sleep_for`). It sleeps on the condition variable of that
+//! origin ([`variable`]: one of [`VARIABLES`], by origin id), which the
+//! other session broadcasts on once an ordered transaction of its call
+//! has committed ([`committed`]); a broadcast costs a spinlock when
+//! nobody sleeps. A transaction committed some other way (sent as
+//! statements) broadcasts nothing: the sleeper looks at the origin again
+//! every millisecond anyway.
+//!
+//! The waiting transaction holds no lock while it sleeps (it has applied
+//! nothing, and gives back the tables its session holds first), so no
+//! cycle of waits can go through it, and the condition variable, which
+//! PostgreSQL's deadlock detector does not see, hides none.
+//!
+//! The variables exist only when the library is loaded through
+//! `shared_preload_libraries` (as the output plugin requires); without
+//! them the sleeper only looks every millisecond.
+
+use pgrx::prelude::*;
+
+/// How many condition variables there are: origins share them modulo
+/// this (a sleeper woken for another origin looks and sleeps again).
+const VARIABLES: usize = 64;
+
+/// The name of the shared memory area.
+const AREA: &std::ffi::CStr = c"bdr apply wake-ups";
+
+/// The variables, set up by the shared memory start-up hook in the
+/// postmaster and inherited by every backend; null without one.
+static mut VARS: *mut pg_sys::ConditionVariable = std::ptr::null_mut();
+
+static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+/// Installs the shared memory hooks when the library is being preloaded.
+/// Called by `_PG_init`.
+pub fn init() {
+    // SAFETY: _PG_init runs once per process, before any query; the hooks
+    // are chained as PostgreSQL's own modules chain them.
+    unsafe {
+        if !pg_sys::process_shared_preload_libraries_in_progress {
+            return;
+        }
+        PREV_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(request);
+        PREV_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(startup);
+    }
+}
+
+fn bytes() -> usize {
+    VARIABLES * size_of::<pg_sys::ConditionVariable>()
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn request() {
+    // SAFETY: called by the postmaster while it sizes shared memory.
+    unsafe {
+        if let Some(prev) = PREV_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(bytes());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup() {
+    // SAFETY: called once shared memory exists, with the add-in area lock
+    // (AddinShmemInitLock, lwlocknames.h) held around the allocation.
+    unsafe {
+        if let Some(prev) = PREV_STARTUP {
+            prev();
+        }
+        let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let area = pg_sys::ShmemInitStruct(AREA.as_ptr(), bytes(), &mut found)
+            .cast::<pg_sys::ConditionVariable>();
+        if !found {
+            for i in 0..VARIABLES {
+                pg_sys::ConditionVariableInit(area.add(i));
+            }
+        }
+        VARS = area;
+        pg_sys::LWLockRelease(lock);
+    }
+}
+
+/// The condition variable of replication origin `origin`; null when the
+/// library was not preloaded.
+pub fn variable(origin: pg_sys::RepOriginId) -> *mut pg_sys::ConditionVariable {
+    // SAFETY: set once by the postmaster before any backend starts; the
+    // index is below VARIABLES.
+    unsafe {
+        let vars = VARS;
+        if vars.is_null() {
+            return vars;
+        }
+        vars.add(usize::from(origin) % VARIABLES)
+    }
+}
+
+/// Wakes the transactions waiting for one of origin `origin`, which has
+/// just committed one.
+///
+/// # Safety
+/// Must run in a backend.
+pub unsafe fn committed(origin: pg_sys::RepOriginId) {
+    let cv = variable(origin);
+    if !cv.is_null() {
+        // SAFETY: per the contract; a variable in shared memory.
+        unsafe { pg_sys::ConditionVariableBroadcast(cv) };
+    }
+}
