@@ -681,13 +681,7 @@ impl Executor {
                 let estate = raw::CreateExecutorState();
                 switch_to((*estate).es_query_cxt);
                 raw::ExecInitRangeTable(estate, std::ptr::null_mut());
-                raw::EvalPlanQualInit(
-                    epq_state,
-                    estate,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    -1,
-                );
+                init_epq(epq_state, estate);
                 switch_to(outer);
                 (estate, (*estate).es_query_cxt)
             });
@@ -739,13 +733,7 @@ impl Executor {
                 .cast();
                 *(*estate).es_relations.add(rti - 1) = std::ptr::null_mut();
                 (*estate).es_range_table_size = rti as pg_sys::Index;
-                raw::EvalPlanQualInit(
-                    epq_state,
-                    estate,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    -1,
-                );
+                init_epq(epq_state, estate);
                 (outer, kept.then(|| switch_owner(owner)))
             });
             let target = open_target(estate, desc, rti, kept);
@@ -847,6 +835,20 @@ impl Executor {
             }
             pg_sys::ResourceOwnerDelete(owner);
         }
+    }
+}
+
+/// Sets up `epq` for `estate`'s range table, as execReplication.c's
+/// callers do: no plan, no row marks.
+///
+/// # Safety
+/// Inside [`raw::guarded`]; `estate` valid, current memory context its
+/// query context.
+#[inline]
+unsafe fn init_epq(epq: *mut pg_sys::EPQState, estate: *mut pg_sys::EState) {
+    // SAFETY: per the contract.
+    unsafe {
+        raw::EvalPlanQualInit(epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
     }
 }
 

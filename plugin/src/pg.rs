@@ -20,6 +20,33 @@ pub fn raise(code: PgSqlErrorCode, message: String, hint: Option<String>) -> ! {
     unreachable!("ereport(ERROR) returned")
 }
 
+/// The shared memory area `name` of `bytes` bytes, made by the first
+/// caller (which runs `init` on it) and found by the others, under the
+/// add-in area lock (AddinShmemInitLock, lwlocknames.h).
+///
+/// # Safety
+/// Must run in a shared memory start-up hook; `init` must leave the area
+/// ready for every backend.
+pub unsafe fn shared_area(
+    name: &CStr,
+    bytes: usize,
+    init: impl FnOnce(*mut std::ffi::c_void),
+) -> *mut std::ffi::c_void {
+    // SAFETY: per the contract; the lock is the one PostgreSQL's own
+    // modules take around ShmemInitStruct.
+    unsafe {
+        let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let area = pg_sys::ShmemInitStruct(name.as_ptr(), bytes, &mut found);
+        if !found {
+            init(area);
+        }
+        pg_sys::LWLockRelease(lock);
+        area
+    }
+}
+
 /// Creates an AllocSet memory context under `parent` with the default
 /// sizes (`ALLOCSET_DEFAULT_SIZES`, memutils.h).
 ///

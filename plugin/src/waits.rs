@@ -70,24 +70,18 @@ unsafe extern "C-unwind" fn request() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn startup() {
-    // SAFETY: called once shared memory exists, with the add-in area lock
-    // (AddinShmemInitLock, lwlocknames.h) held around the allocation.
+    // SAFETY: called once shared memory exists.
     unsafe {
         if let Some(prev) = PREV_STARTUP {
             prev();
         }
-        let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let area = pg_sys::ShmemInitStruct(AREA.as_ptr(), bytes(), &mut found)
-            .cast::<pg_sys::ConditionVariable>();
-        if !found {
+        let area = crate::pg::shared_area(AREA, bytes(), |area| {
+            let vars = area.cast::<pg_sys::ConditionVariable>();
             for i in 0..VARIABLES {
-                pg_sys::ConditionVariableInit(area.add(i));
+                pg_sys::ConditionVariableInit(vars.add(i));
             }
-        }
-        VARS = area;
-        pg_sys::LWLockRelease(lock);
+        });
+        VARS = area.cast();
     }
 }
 

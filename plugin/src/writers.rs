@@ -113,22 +113,16 @@ unsafe extern "C-unwind" fn request() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn startup() {
-    // SAFETY: called once shared memory exists, with the add-in area lock
-    // (AddinShmemInitLock, lwlocknames.h) held around the allocation.
+    // SAFETY: called once shared memory exists.
     unsafe {
         if let Some(prev) = PREV_STARTUP {
             prev();
         }
-        let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let area = pg_sys::ShmemInitStruct(AREA.as_ptr(), bytes(), &mut found);
-        if !found {
+        let area = crate::pg::shared_area(AREA, bytes(), |area| {
             std::ptr::write_bytes(area.cast::<u8>(), 0, bytes());
-        }
+        });
         SLOTS = area.cast::<AtomicU64>();
         LEN = SIZE.get() as usize;
-        pg_sys::LWLockRelease(lock);
     }
 }
 
