@@ -458,7 +458,7 @@ pub unsafe extern "C-unwind" fn apply_transactions(
     pg_sys::Datum::from(0usize)
 }
 
-/// How many times [`wait_for`] looks at the other session's progress
+/// How many times [`spin_for`] looks at the other session's progress
 /// before it sleeps, with [`SPIN_PAUSES`] spin-loop pauses in between
 /// (some tens of microseconds in all).
 const SPIN_LOOKS: usize = 200;
