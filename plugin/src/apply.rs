@@ -335,7 +335,7 @@ pub unsafe extern "C-unwind" fn apply_wait(fcinfo: pg_sys::FunctionCallInfo) -> 
     };
     require_superuser("bdr.apply_wait");
     // SAFETY: in a backend, in a transaction (a SQL function call).
-    unsafe { wait_for(&after) };
+    unsafe { wait_for(&after, &mut None) };
     pg_sys::Datum::from(0usize)
 }
 
@@ -425,17 +425,9 @@ pub unsafe extern "C-unwind" fn apply_transactions(
         let session = pg_sys::replorigin_session_origin;
         for t in &txns {
             let outer = switch_to(txn_cxt);
-            // Before its first change, holding no lock of its own; the
-            // tables held for the session are given back (and closed)
-            // before it sleeps.
-            if let Some(after) = &t.after
-                && !spin_for(after)
-            {
-                if let Some(e) = exec.take() {
-                    e.close();
-                }
-                release_session_relations();
-                sleep_for(after);
+            // Before its first change, holding no lock of its own.
+            if let Some(after) = &t.after {
+                wait_for(after, &mut exec);
             }
             raw::guarded(|| raw::PushActiveSnapshot(raw::GetTransactionSnapshot()));
             apply(&mut exec, call_cxt, true, t.changes, t.origin);
@@ -531,16 +523,18 @@ unsafe fn release_session_relations() {
 
 /// Waits until the transaction `after` names has committed: until its
 /// session's replication origin is at its end LSN ([`spin_for`], then
-/// [`sleep_for`]), giving back the tables this session holds
-/// ([`hold_for_session`]) before it sleeps.
+/// [`sleep_for`]). Before it sleeps, it closes the call's executor `exec`
+/// and gives back the tables this session holds ([`hold_for_session`]).
 ///
 /// # Safety
-/// Must run in a backend, inside a transaction, with no executor of
-/// `bdr.apply_transactions` open.
-unsafe fn wait_for(after: &bdr_protocol::apply::After) {
+/// Must run in a backend, inside a transaction that applied nothing yet.
+unsafe fn wait_for(after: &bdr_protocol::apply::After, exec: &mut Option<Executor>) {
     // SAFETY: per the contract.
     unsafe {
         if !spin_for(after) {
+            if let Some(e) = exec.take() {
+                e.close();
+            }
             release_session_relations();
             sleep_for(after);
         }

@@ -29,12 +29,51 @@ mod writers;
 
 pgrx::pg_module_magic!();
 
-/// Library load: the settings and hooks of [`guard`] and [`writers`].
+/// Library load: the settings and hooks of [`guard`] and [`writers`],
+/// and, when the library is being preloaded, the shared memory hooks.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guard::init();
     writers::init();
-    waits::init();
+    // SAFETY: _PG_init runs once per process, before any query; the hooks
+    // are chained as PostgreSQL's own modules chain them.
+    unsafe {
+        if pg_sys::process_shared_preload_libraries_in_progress {
+            PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(shmem_request);
+            PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+            pg_sys::shmem_startup_hook = Some(shmem_startup);
+        }
+    }
+}
+
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+/// Asks for the shared memory of [`writers`] and [`waits`].
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: called by the postmaster while it sizes shared memory.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(writers::shmem_bytes());
+        pg_sys::RequestAddinShmemSpace(waits::shmem_bytes());
+    }
+}
+
+/// Sets up the shared memory of [`writers`] and [`waits`].
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: called once shared memory exists.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        writers::attach();
+        waits::attach();
+    }
 }
 
 /// The extension's version, as installed by `CREATE EXTENSION bdr`.

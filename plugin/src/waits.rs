@@ -30,52 +30,23 @@ const VARIABLES: usize = 64;
 /// The name of the shared memory area.
 const AREA: &std::ffi::CStr = c"bdr apply wake-ups";
 
-/// The variables, set up by the shared memory start-up hook in the
-/// postmaster and inherited by every backend; null without one.
+/// The variables, set up by the library's shared memory start-up hook in
+/// the postmaster and inherited by every backend; null without it.
 static mut VARS: *mut pg_sys::ConditionVariable = std::ptr::null_mut();
 
-static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
-static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
-
-/// Installs the shared memory hooks when the library is being preloaded.
-/// Called by `_PG_init`.
-pub fn init() {
-    // SAFETY: _PG_init runs once per process, before any query; the hooks
-    // are chained as PostgreSQL's own modules chain them.
-    unsafe {
-        if !pg_sys::process_shared_preload_libraries_in_progress {
-            return;
-        }
-        PREV_REQUEST = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(request);
-        PREV_STARTUP = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(startup);
-    }
-}
-
-fn bytes() -> usize {
+/// The shared memory the variables take.
+pub fn shmem_bytes() -> usize {
     VARIABLES * size_of::<pg_sys::ConditionVariable>()
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn request() {
-    // SAFETY: called by the postmaster while it sizes shared memory.
+/// Makes or finds the variables.
+///
+/// # Safety
+/// Must run in the library's shared memory start-up hook.
+pub unsafe fn attach() {
+    // SAFETY: per the contract.
     unsafe {
-        if let Some(prev) = PREV_REQUEST {
-            prev();
-        }
-        pg_sys::RequestAddinShmemSpace(bytes());
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn startup() {
-    // SAFETY: called once shared memory exists.
-    unsafe {
-        if let Some(prev) = PREV_STARTUP {
-            prev();
-        }
-        let area = crate::pg::shared_area(AREA, bytes(), |area| {
+        let area = crate::pg::shared_area(AREA, shmem_bytes(), |area| {
             let vars = area.cast::<pg_sys::ConditionVariable>();
             for i in 0..VARIABLES {
                 pg_sys::ConditionVariableInit(vars.add(i));

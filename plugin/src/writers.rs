@@ -61,16 +61,14 @@ static mut SLOTS: *const AtomicU64 = std::ptr::null();
 /// Its length in slots.
 static mut LEN: usize = 0;
 
-static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
-static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
-
 unsafe extern "C" {
     /// The setting `track_commit_timestamp` (commit_ts.h); not in pgrx's bindings.
     static track_commit_timestamp: bool;
 }
 
 /// Registers the setting and, when the library is being preloaded, the
-/// shared memory hooks and the commit callback. Called by `_PG_init`.
+/// commit callback (the array is made by [`attach`], from the library's
+/// shared memory hook). Called by `_PG_init`.
 pub fn init() {
     GucRegistry::define_int_guc(
         c"bdr.writer_cache_size",
@@ -82,44 +80,33 @@ pub fn init() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
-    // SAFETY: _PG_init runs once per process, before any query; the hooks
-    // are chained as PostgreSQL's own modules chain them.
+    // SAFETY: _PG_init runs once per process, before any query.
     unsafe {
         if !pg_sys::process_shared_preload_libraries_in_progress || SIZE.get() == 0 {
             return;
         }
-        PREV_REQUEST = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(request);
-        PREV_STARTUP = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(startup);
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
     }
 }
 
-fn bytes() -> usize {
+/// The shared memory the array takes (0 with the cache off).
+pub fn shmem_bytes() -> usize {
     SIZE.get().max(0) as usize * size_of::<AtomicU64>()
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn request() {
-    // SAFETY: called by the postmaster while it sizes shared memory.
-    unsafe {
-        if let Some(prev) = PREV_REQUEST {
-            prev();
-        }
-        pg_sys::RequestAddinShmemSpace(bytes());
+/// Makes or finds the array, unless the cache is off.
+///
+/// # Safety
+/// Must run in the library's shared memory start-up hook.
+pub unsafe fn attach() {
+    let bytes = shmem_bytes();
+    if bytes == 0 {
+        return;
     }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn startup() {
-    // SAFETY: called once shared memory exists.
+    // SAFETY: per the contract.
     unsafe {
-        if let Some(prev) = PREV_STARTUP {
-            prev();
-        }
-        let area = crate::pg::shared_area(AREA, bytes(), |area| {
-            std::ptr::write_bytes(area.cast::<u8>(), 0, bytes());
+        let area = crate::pg::shared_area(AREA, bytes, |area| {
+            std::ptr::write_bytes(area.cast::<u8>(), 0, bytes);
         });
         SLOTS = area.cast::<AtomicU64>();
         LEN = SIZE.get() as usize;
