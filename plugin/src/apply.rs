@@ -742,7 +742,9 @@ impl Executor {
     }
 
     /// Ends a transaction's use: its held rows written, its AFTER
-    /// triggers fired, its EvalPlanQual state given back.
+    /// triggers fired, every slot emptied (the trigger code leaves rows,
+    /// and their buffer pins, which are the transaction's, in its slots),
+    /// its EvalPlanQual state given back.
     ///
     /// # Safety
     /// Must run in the transaction the changes were applied in.
@@ -756,6 +758,11 @@ impl Executor {
             }
             raw::guarded(|| {
                 raw::AfterTriggerEndQuery(estate);
+                let slots = (*estate).es_tupleTable;
+                let n = if slots.is_null() { 0 } else { (*slots).length };
+                for i in 0..n {
+                    raw::ExecClearTuple(raw::list_nth(slots, i).cast());
+                }
                 raw::EvalPlanQualEnd(epq_state);
                 switch_to(outer);
             });
