@@ -636,9 +636,10 @@ unsafe fn sleep_for(after: &bdr_protocol::apply::After) {
 /// transaction's, given back at its commit as usual (the session's lock
 /// stays). The executor's memory is the call's. Anything PostgreSQL opens
 /// or pins on its own while it applies (an index scan, a buffer, a
-/// snapshot) stays the transaction's; the slots the trigger code makes
-/// for a table with triggers are made when the table opens, so that they
-/// are the executor's too.
+/// snapshot, the buffer of a row left in a slot) stays the
+/// transaction's, and every slot is emptied before the commit; the slots
+/// the trigger code makes for a table with triggers are made when the
+/// table opens, so that they are the executor's too.
 struct Executor {
     estate: *mut pg_sys::EState,
     epq: Box<pg_sys::EPQState>,
