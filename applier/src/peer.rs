@@ -277,6 +277,7 @@ async fn session(
         flushing: None,
         last_status: Instant::now(),
         started: false,
+        asked_at: None,
     };
     let result = state.stream_loop(peer, shutdown).await;
     state.finish(result).await
@@ -329,24 +330,24 @@ async fn keeping_alive<T>(
             biased;
             out = &mut work => return Ok(out),
             () = tokio::time::sleep_until(due) => {
-                report(stream, positions, sent, last_status, false).await?;
+                report(stream, positions, sent, last_status).await?;
             }
         }
     }
 }
 
 /// Sends a status update with `positions` (applied, flushed) and notes
-/// them as sent, now.
+/// them as sent, now. It never asks for a reply (see the keepalives in
+/// `Session::stream_loop`).
 async fn report(
     stream: &mut ReplicationStream,
     positions: (Lsn, Lsn),
     sent: &mut (Lsn, Lsn),
     last_status: &mut Instant,
-    reply_requested: bool,
 ) -> Result<(), StreamError> {
     let (applied, flushed) = positions;
     stream
-        .send_status_update(applied, flushed, applied, reply_requested)
+        .send_status_update(applied, flushed, applied, false)
         .await?;
     *sent = positions;
     *last_status = Instant::now();
@@ -377,6 +378,9 @@ struct Session {
     last_status: Instant,
     /// Whether the STARTUP message arrived.
     started: bool,
+    /// The position of the last keepalive that asked for a reply, when
+    /// no data came after it (see [`Session::stream_loop`]).
+    asked_at: Option<Lsn>,
 }
 
 impl Session {
@@ -391,14 +395,32 @@ impl Session {
             tokio::select! {
                 event = self.stream.next_event() => match event? {
                     Some(ReplicationEvent::XLogData { wal_start, data, .. }) => {
+                        self.asked_at = None;
                         self.handle_frame(wal_start, &data).await?;
                     }
                     Some(ReplicationEvent::Keepalive { wal_end, reply_requested, .. }) => {
-                        if !self.applier.in_transaction() && !self.applier.busy() {
+                        // The bdr plugin holds committed transactions for
+                        // the next ones while its walsender reads on
+                        // (plugin/src/stream.rs). A keepalive that asks for
+                        // no reply comes after everything before its
+                        // position: the plugin writes what it holds before
+                        // the walsender sends one (this session never asks
+                        // for replies, which are answered with one). One
+                        // that asks for a reply comes from a timer, between
+                        // any two records; its position counts only when
+                        // it comes again with no data in between: then the
+                        // walsender had caught up, holding nothing (at its
+                        // shutdown, it asks until the client confirms that
+                        // position).
+                        let all_sent = !reply_requested || self.asked_at == Some(wal_end);
+                        if reply_requested {
+                            self.asked_at = Some(wal_end);
+                        }
+                        if all_sent && !self.applier.in_transaction() && !self.applier.busy() {
                             self.reached_idle_end(wal_end);
                         }
                         if reply_requested {
-                            self.send_status(true).await?;
+                            self.send_status().await?;
                         }
                     }
                     None => return Err(SessionError::Ended),
@@ -439,7 +461,7 @@ impl Session {
                         }
                     }
                     if self.sent.1 != self.flushed {
-                        self.send_status(false).await?;
+                        self.send_status().await?;
                     }
                 }
                 _ = tick.tick() => {
@@ -450,7 +472,7 @@ impl Session {
                     if self.sent != (self.applied, self.flushed)
                         || self.last_status.elapsed() >= STATUS_INTERVAL
                     {
-                        self.send_status(false).await?;
+                        self.send_status().await?;
                     }
                 }
                 _ = shutdown.changed() => {
@@ -555,7 +577,7 @@ impl Session {
         }
         self.on_committed(Lsn(end));
         if self.last_status.elapsed() >= STATUS_AFTER_COMMIT {
-            self.send_status(false).await?;
+            self.send_status().await?;
         }
         Ok(())
     }
@@ -569,13 +591,12 @@ impl Session {
         }
     }
 
-    async fn send_status(&mut self, reply_requested: bool) -> Result<(), SessionError> {
+    async fn send_status(&mut self) -> Result<(), SessionError> {
         report(
             &mut self.stream,
             (self.applied, self.flushed),
             &mut self.sent,
             &mut self.last_status,
-            reply_requested,
         )
         .await?;
         Ok(())
@@ -598,7 +619,7 @@ impl Session {
             if let Err(e) = self.applier.even_out(committed.0).await {
                 warn!(error = %e, "bringing parallel apply's origins together failed");
             }
-            self.send_status(false).await?;
+            self.send_status().await?;
             self.stream.stop().await?;
         }
         result

@@ -78,7 +78,11 @@ unsafe extern "C-unwind" fn startup_cb(
         // PostgreSQL turns streaming on when the stream callbacks exist;
         // it stays on only for a client that asked for it.
         ctx.streaming &= agreed.options.streaming;
-        ctx.output_plugin_private = Stream::create(ctx, agreed).cast();
+        let stream = Stream::create(ctx, agreed);
+        ctx.output_plugin_private = stream.cast();
+        if pg_sys::am_walsender {
+            (*stream).wrap_reader(ctx);
+        }
     }
 }
 

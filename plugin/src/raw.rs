@@ -19,7 +19,7 @@ use pgrx::pg_sys::{
     self, Bitmapset, BulkInsertStateData, CommandId, EPQState, EState, Index, List, Plan, Relation,
     ResultRelInfo, TupleDesc, TupleTableSlot, TupleTableSlotOps,
 };
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 
 /// Runs `f`, made of the functions of this module and plain Rust, with
 /// one guard: an ERROR raised in it becomes a Rust panic here, as with
@@ -233,5 +233,35 @@ pub unsafe fn make_node<T>(tag: pg_sys::NodeTag) -> *mut T {
         let node = palloc0(std::mem::size_of::<T>()).cast::<T>();
         *node.cast::<pg_sys::NodeTag>() = tag;
         node
+    }
+}
+
+/// The client connection's functions (`libpq/libpq.h`), of which the
+/// plugin uses `is_send_pending` alone.
+#[repr(C)]
+pub struct PQcommMethods {
+    pub comm_reset: Option<unsafe extern "C-unwind" fn()>,
+    pub flush: Option<unsafe extern "C-unwind" fn() -> c_int>,
+    pub flush_if_writable: Option<unsafe extern "C-unwind" fn() -> c_int>,
+    pub is_send_pending: Option<unsafe extern "C-unwind" fn() -> bool>,
+    pub putmessage: Option<unsafe extern "C-unwind" fn(c_char, *const c_char, usize) -> c_int>,
+    pub putmessage_noblock: Option<unsafe extern "C-unwind" fn(c_char, *const c_char, usize)>,
+}
+
+unsafe extern "C" {
+    pub static PqCommMethods: *const PQcommMethods;
+}
+
+/// Whether output waits in the connection's buffer for the socket to
+/// take it (`pq_is_send_pending`).
+///
+/// # Safety
+/// In a backend with a client connection.
+pub unsafe fn send_pending() -> bool {
+    // SAFETY: per the contract; the methods are set at connection start.
+    unsafe {
+        (*PqCommMethods)
+            .is_send_pending
+            .is_some_and(|pending| pending())
     }
 }

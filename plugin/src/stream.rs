@@ -38,6 +38,25 @@
 //!   so a write holds any number of them, and a small transaction costs
 //!   the walsender one write instead of one per message. A
 //!   non-transactional MESSAGE is written at once.
+//! - In a walsender that has WAL to read beyond the current page, a
+//!   committed transaction stays in the buffer for the ones after it
+//!   ([`Stream::may_hold`]): each write costs the walsender a `send`, and
+//!   a backlog of small transactions goes out some 8 KB of WAL at a time
+//!   instead of one transaction per write. What is held is written before
+//!   the reader reads another page ([`read_page`]), so before the
+//!   walsender waits for WAL or sends a keepalive from there, and before a
+//!   skipped transaction's progress (which may send one). The keepalive
+//!   the walsender sends between records when the client has been silent
+//!   for half of `wal_sender_timeout` asks for a reply and can pass held
+//!   transactions, as can the answer to a client that asks for a reply:
+//!   the applier (`applier/src/peer.rs`) never asks, and takes the
+//!   position of a keepalive that asks as everything sent only when it
+//!   comes twice in a row, with no data in between. The walsender
+//!   decodes no record between the two, which it does only once caught
+//!   up (nothing held then) or while the socket is full, and nothing is
+//!   held then either: a transaction is held only while the socket takes
+//!   what was written, and the first keepalive has left once the client
+//!   answers it.
 //! - Everything a change allocates in PostgreSQL (detoasted values, send
 //!   and output function results, names) lives in `change_cxt`, which is
 //!   reset after every change, so memory does not grow with the size of a
@@ -97,6 +116,11 @@ pub struct Stream {
     /// Where the change being written started in `buf`, until it is
     /// complete (an ERROR can stop a streamed change half-way).
     change_start: Option<usize>,
+    /// The WAL reader's own page callback, when [`Stream::wrap_reader`]
+    /// put [`read_page`] in its place (in a walsender).
+    page_read: pg_sys::XLogPageReadCB,
+    /// Whether `buf` ends with committed transactions not written yet.
+    held: bool,
 }
 
 impl Drop for Stream {
@@ -143,6 +167,8 @@ impl Stream {
             guc_level: startup::pin_settings(),
             streaming_xid: None,
             change_start: None,
+            page_read: None,
+            held: false,
         };
         let ptr = pgrx::PgMemoryContexts::For(ctx.context).leak_and_drop_on_delete(stream);
         // SAFETY: the box behind ptr never moves until it is dropped, and
@@ -195,6 +221,7 @@ impl Stream {
             pg_sys::OutputPluginWrite(ctx, true);
         }
         self.buf.clear();
+        self.held = false;
         // What a change half-way written still has in the buffer starts
         // at its beginning now.
         if self.change_start.is_some() {
@@ -301,6 +328,13 @@ impl Stream {
         txn: *mut pg_sys::ReorderBufferTXN,
     ) {
         let sent = self.begin_sent;
+        if !sent && self.held {
+            // Under synchronous replication the walsender answers a
+            // skipped transaction with a keepalive at its end: what is
+            // held must go out before it.
+            // SAFETY: per the caller.
+            unsafe { self.flush(ctx) };
+        }
         // Lets the walsender confirm progress past skipped transactions
         // (logical.c, OutputPluginUpdateProgress).
         // SAFETY: ctx is live.
@@ -317,9 +351,66 @@ impl Stream {
                 end_lsn,
             },
         );
-        // SAFETY: per the caller.
-        unsafe { self.flush(ctx) };
         self.begin_sent = false;
+        // SAFETY: per the caller.
+        unsafe {
+            if self.buf.len() < BATCH_BYTES && self.may_hold(ctx) {
+                self.held = true;
+            } else {
+                self.flush(ctx);
+            }
+        }
+    }
+
+    /// Whether a committed transaction may wait in `buf` for the next
+    /// one: in a walsender ([`Stream::wrap_reader`]; not in the SQL
+    /// functions, which stop at a fixed end and never write what is
+    /// left), while flushed WAL goes on past the page the reader is in
+    /// and the socket takes what was written. The walsender then decodes
+    /// the next record at once, and has to read another page before it
+    /// catches up and waits for WAL, where [`read_page`] writes what is
+    /// held first.
+    ///
+    /// # Safety
+    /// `ctx` is the live decoding context, in an output callback.
+    unsafe fn may_hold(&self, ctx: *mut pg_sys::LogicalDecodingContext) -> bool {
+        // SAFETY: per the contract; output_writer_private is set by the
+        // SQL functions only, and the reader lives as long as ctx.
+        unsafe {
+            self.page_read.is_some()
+                && (*ctx).output_writer_private.is_null()
+                && !crate::raw::send_pending()
+                && pg_sys::GetFlushRecPtr(std::ptr::null_mut())
+                    > next_page((*(*ctx).reader).EndRecPtr)
+        }
+    }
+
+    /// Puts [`read_page`] in front of the WAL reader's page callback, so
+    /// that transactions may be held ([`Stream::may_hold`]).
+    ///
+    /// # Safety
+    /// `ctx` is the live decoding context, in a walsender.
+    pub unsafe fn wrap_reader(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) {
+        // SAFETY: per the contract; the reader lives as long as ctx.
+        unsafe {
+            let reader = (*ctx).reader;
+            self.page_read = (*reader).routine.page_read;
+            (*reader).routine.page_read = Some(read_page);
+        }
+    }
+
+    /// Writes held transactions, outside any output callback.
+    unsafe fn write_held(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) {
+        if !self.held {
+            return;
+        }
+        // SAFETY: ctx is live; writes are accepted for this one call.
+        unsafe {
+            let accept = (*ctx).accept_writes;
+            (*ctx).accept_writes = true;
+            self.flush(ctx);
+            (*ctx).accept_writes = accept;
+        }
     }
 
     /// The stream start callback: a block of `txn`'s changes follows.
@@ -677,4 +768,38 @@ fn no_identity(kind: &str, entry: &RelEntry) -> ! {
                 .into(),
         ),
     )
+}
+
+/// The start of the WAL page after the one `lsn` is in.
+fn next_page(lsn: pg_sys::XLogRecPtr) -> pg_sys::XLogRecPtr {
+    let page = u64::from(pg_sys::XLOG_BLCKSZ);
+    (lsn / page + 1) * page
+}
+
+/// The WAL reader's page callback in a walsender: writes what is held
+/// before the reader reads on. The walsender waits for WAL only in this
+/// callback (or once the reader has caught up, which
+/// [`Stream::may_hold`] rules out without a callback in between), and
+/// the keepalives it sends there carry the position decoded so far: the
+/// transactions before it must be on the wire first.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn read_page(
+    state: *mut pg_sys::XLogReaderState,
+    target_page: pg_sys::XLogRecPtr,
+    req_len: std::ffi::c_int,
+    target_rec: pg_sys::XLogRecPtr,
+    read_buf: *mut std::ffi::c_char,
+) -> std::ffi::c_int {
+    // SAFETY: the reader's private data is its decoding context.
+    unsafe {
+        let ctx = (*state)
+            .private_data
+            .cast::<pg_sys::LogicalDecodingContext>();
+        let stream = (*ctx).output_plugin_private.cast::<Stream>();
+        (*stream).write_held(ctx);
+        let read = (*stream).page_read.expect("wrapped");
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            read(state, target_page, req_len, target_rec, read_buf)
+        })
+    }
 }
