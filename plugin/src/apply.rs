@@ -438,7 +438,7 @@ pub unsafe extern "C-unwind" fn apply_transactions(
                 raw::SPI_commit();
             });
             if t.ordered {
-                crate::waits::committed(session);
+                crate::waits::committed(session, t.end_lsn);
             }
             raw::guarded(|| raw::MemoryContextReset(txn_cxt));
         }
@@ -581,8 +581,9 @@ unsafe fn spin_for(after: &bdr_protocol::apply::After) -> bool {
 
 /// Sleeps until the transaction `after` names has committed: on the
 /// condition variable of its session's origin ([`crate::waits`]), which
-/// that session broadcasts on when an ordered transaction commits,
-/// looking at the origin again every millisecond in any case (a
+/// that session broadcasts on when an ordered transaction commits at or
+/// past the position a sleeper wants, looking at the origin again every
+/// millisecond in any case (a
 /// transaction committed as statements wakes nobody). The caller gives
 /// back the tables it holds first: that transaction may need one of them
 /// (a TRUNCATE sent as a statement), and this wait is not one the
@@ -593,14 +594,22 @@ unsafe fn spin_for(after: &bdr_protocol::apply::After) -> bool {
 /// Must run in a backend, inside a transaction.
 unsafe fn sleep_for(after: &bdr_protocol::apply::After) {
     let origin = waited_origin(after);
-    let cv = crate::waits::variable(origin);
+    let slot = crate::waits::slot(origin);
+    let cv = slot.map_or(std::ptr::null_mut(), crate::waits::Slot::variable);
     // SAFETY: per the contract; an error while asleep (a cancel) ends the
     // sleep with the transaction (AbortTransaction cancels it).
     unsafe {
         if !cv.is_null() {
             pg_sys::ConditionVariablePrepareToSleep(cv);
         }
-        while pg_sys::replorigin_get_progress(origin, false) < after.end_lsn {
+        loop {
+            // Before each look: a commit that resets it wakes this one.
+            if let Some(slot) = slot {
+                slot.want(after.end_lsn);
+            }
+            if pg_sys::replorigin_get_progress(origin, false) >= after.end_lsn {
+                break;
+            }
             if cv.is_null() {
                 pg_sys::WaitLatch(
                     pg_sys::MyLatch,
