@@ -583,11 +583,10 @@ unsafe fn spin_for(after: &bdr_protocol::apply::After) -> bool {
 /// condition variable of its session's origin ([`crate::waits`]), which
 /// that session broadcasts on when an ordered transaction commits at or
 /// past the position a sleeper wants, looking at the origin again every
-/// millisecond in any case (a
-/// transaction committed as statements wakes nobody). The caller gives
-/// back the tables it holds first: that transaction may need one of them
-/// (a TRUNCATE sent as a statement), and this wait is not one the
-/// deadlock detector sees. A transaction that never commits (it failed,
+/// millisecond in any case (a transaction committed as statements wakes
+/// nobody). The caller gives back the tables it holds first: that
+/// transaction may need one of them (a TRUNCATE sent as a statement), and
+/// this wait is not one the deadlock detector sees. A transaction that never commits (it failed,
 /// its session is gone) is waited for until the call is cancelled.
 ///
 /// # Safety
